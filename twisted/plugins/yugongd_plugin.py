@@ -1,0 +1,8 @@
+from twisted.application.service import ServiceMaker
+
+yugongd = ServiceMaker(
+    "yugongd",
+    "yugongd.tap",
+    "OpenAI-compatible API gateway over a pool of upstream keys",
+    "yugongd",
+)

@@ -1,0 +1,185 @@
+"""The gateway: everything one running yugongd holds, and its lifecycle.
+
+A :class:`Gateway` is built from a :class:`~yugongd.config.Config`, a reactor (also its
+clock) and a :class:`~yugongd.state.StateStore`; nothing in it imports the global reactor,
+so tests drive it with ``MemoryReactorClock`` or ``task.Clock``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web import client, server
+
+from yugongd.accounts import AccountStore
+from yugongd.errors import write_json
+from yugongd.ledger import Ledger
+from yugongd.plugins import make_plugin_manager
+from yugongd.pool import KeyPool, Upstream
+from yugongd.state import StateStore, StoredKey
+from yugongd.usage import PriceTable
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+
+    from yugongd.config import Config
+    from yugongd.proxy import ProxiedRequest
+
+log = Logger()
+
+
+class _QuietClientFactory(client._HTTP11ClientFactory):
+    """No "Starting factory" log line for every new upstream connection."""
+
+    noisy = False
+
+
+class Gateway:
+    """The pool, the accounts, the ledger, the plugins and the upstream connections."""
+
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        state: StateStore,
+        pm: pluggy.PluginManager | None = None,
+    ) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.clock: IReactorTime = reactor
+        self.state = state
+        self.pool = KeyPool(reactor)
+        self.accounts = AccountStore()
+        self.ledger = Ledger(state)
+        self.prices = PriceTable(config.prices)
+        self.inflight: set[ProxiedRequest] = set()
+        self.http_pool = client.HTTPConnectionPool(reactor, persistent=True)
+        self.http_pool.maxPersistentPerHost = 256
+        self.http_pool.cachedConnectionTimeout = 90
+        self.http_pool.retryAutomatically = False
+        self.http_pool._factory = _QuietClientFactory
+        self._agents: dict[str, tuple[Upstream, client.Agent]] = {}
+        self.pm = pm if pm is not None else make_plugin_manager(config, self)
+        from yugongd.admin import AdminAPI
+
+        self.admin = AdminAPI(self)
+        self.started = False
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def start(self) -> Any:
+        """Load the durable state, then apply the config."""
+        snapshot = yield self.state.open()
+        for account in snapshot.accounts:
+            self.accounts.put(account)
+        self.ledger.restore(snapshot.totals)
+        self.apply_config(self.config)
+        for stored in snapshot.keys:
+            self._add_stored_key(stored)
+        self.started = True
+
+    def _add_stored_key(self, stored: StoredKey) -> None:
+        from yugongd.config import KeyConfig
+
+        if stored.upstream not in self.pool.upstreams or stored.id in self.pool.keys:
+            log.warn(
+                "runtime key {key_id} refers to upstream {upstream} that is not configured; skipped",
+                key_id=stored.id,
+                upstream=stored.upstream,
+            )
+            return
+        kc = KeyConfig(
+            id=stored.id,
+            key=stored.key,
+            organization=stored.organization,
+            weight=stored.weight,
+            rpm=stored.rpm,
+            tpm=stored.tpm,
+            models=stored.models,
+        )
+        self.pool.add_key(stored.upstream, kc, source="api")
+
+    def apply_config(self, config: Config) -> None:
+        """Take a new config (at start and on reload): keys, accounts, prices, limits."""
+        runtime = [k for k in self.pool.keys.values() if k.source != "config"]
+        self.config = config
+        self.pool.configure(config.upstreams)
+        for key in runtime:
+            if key.id not in self.pool.keys and key.upstream in self.pool.upstreams:
+                self.pool.keys[key.id] = key
+        self.accounts.configure(config.accounts)
+        self.prices = PriceTable(config.prices)
+        self._agents.clear()
+        self.pm.hook.yugongd_configure(config=config, gateway=self)
+
+    def reload(self, config: Config) -> None:
+        """SIGHUP: apply ``config``; requests in flight finish on what they started with."""
+        self.apply_config(config)
+        log.info(
+            "reloaded {source}: {keys} keys, {accounts} accounts",
+            source=config.source,
+            keys=len(self.pool.keys),
+            accounts=len(self.accounts),
+        )
+
+    def drain(self, grace: float) -> defer.Deferred[None]:
+        """Fires when no request is in flight, or after ``grace`` seconds."""
+        done: defer.Deferred[None] = defer.Deferred()
+        deadline = self.clock.seconds() + grace
+
+        def check() -> None:
+            if not self.inflight or self.clock.seconds() >= deadline:
+                if self.inflight:
+                    log.warn(
+                        "shutdown: {n} requests still in flight after {grace}s; closing them",
+                        n=len(self.inflight),
+                        grace=grace,
+                    )
+                done.callback(None)
+            else:
+                self.reactor.callLater(0.05, check)
+
+        check()
+        return done
+
+    @defer.inlineCallbacks
+    def stop(self) -> Any:
+        """Flush the ledger and close the store and the upstream connections."""
+        yield self.state.flush()
+        yield self.state.close()
+        yield self.http_pool.closeCachedConnections()
+
+    # -- per request helpers ------------------------------------------------------------
+
+    def agent_for(self, upstream: Upstream) -> client.Agent:
+        """One Agent per upstream (its connect timeout), all on the shared connection pool."""
+        entry = self._agents.get(upstream.name)
+        if entry is None or entry[0] is not upstream:
+            agent = client.Agent(
+                self.reactor, connectTimeout=upstream.timeouts.connect, pool=self.http_pool
+            )
+            entry = (upstream, agent)
+            self._agents[upstream.name] = entry
+        return entry[1]
+
+    def single_user(self) -> bool:
+        """No account exists: loopback listeners forward without a client key."""
+        return len(self.accounts) == 0
+
+    def unauthenticated_message(self, request: server.Request) -> str:
+        if self.single_user():
+            return (
+                "No accounts exist yet and this listener is not loopback: create an account "
+                "(config 'accounts' or POST /admin/accounts) to use yugongd from other hosts."
+            )
+        return "Incorrect API key provided. Use the key of a yugongd account."
+
+    def healthz(self, request: server.Request) -> bytes:
+        body = json.dumps({"status": "ok", "keys": self.pool.counts()}).encode()
+        write_json(request, 200, body)
+        return server.NOT_DONE_YET  # type: ignore[no-any-return]

@@ -1,0 +1,315 @@
+"""The HTTP front: the twisted.web ``Site``, its ``Request`` and the one root resource.
+
+The root resource is a leaf that dispatches on the path itself (``/v1/…`` to the proxy,
+``/admin/…``, ``/healthz``, the billing endpoints): no resource tree is walked per
+request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import partial
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_to_bytes
+
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import resource, server
+
+from yugongd.errors import write_error
+from yugongd.model import Call, Denial, Outcome
+from yugongd.pool import models_match
+from yugongd.proxy import REQUEST_DROP, BadRequest, ProxiedRequest, expected_tokens, inspect_body
+
+if TYPE_CHECKING:
+    from yugongd.gateway import Gateway
+
+log = Logger()
+
+_REQUEST_ID_OK = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
+
+
+class _Discard:
+    """Where an over-limit request body goes: nowhere."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def seek(self, *args: Any) -> int:
+        return 0
+
+    def read(self, *args: Any) -> bytes:
+        return b""
+
+    def tell(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+class GatewayRequest(server.Request):
+    """A request whose body is refused past ``limits.max_body`` while it is read.
+
+    twisted.web buffers the body before ``render`` (in memory, or a temporary file above
+    100 kB); this stops buffering at the limit, both for a declared ``Content-Length``
+    and for a chunked body, and lets ``render`` answer 413.
+    """
+
+    too_large = False
+    _body_size = 0
+
+    def gotLength(self, length: int | None) -> None:
+        limit = self.channel.site.max_body
+        if length is not None and length > limit:
+            self.too_large = True
+            self.content = _Discard()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.too_large:
+            return
+        self._body_size += len(data)
+        if self._body_size > self.channel.site.max_body:
+            self.too_large = True
+            self.content.close()
+            self.content = _Discard()
+            return
+        self.content.write(data)
+
+
+class GatewaySite(server.Site):
+    """The ``Site`` of every listener; twisted.web's own access log is off (see the gateway's)."""
+
+    requestFactory = GatewayRequest
+    noisy = False
+    displayTracebacks = False
+
+    def __init__(self, gateway: Gateway, timeout: float = 60.0) -> None:
+        super().__init__(GatewayResource(gateway), timeout=timeout)
+        self.gateway = gateway
+
+    @property
+    def max_body(self) -> int:
+        return self.gateway.config.limits.max_body
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+def is_local_listener(request: server.Request) -> bool:
+    """Whether the request came in on a loopback or unix-socket listener."""
+    host = request.getHost()
+    if isinstance(host, IPv4Address | IPv6Address):
+        h = host.host
+        return h.startswith("127.") or h == "::1" or h.startswith("::ffff:127.")
+    return True
+
+
+def bearer_token(request: server.Request) -> str | None:
+    raw = request.requestHeaders.getRawHeaders(b"authorization")
+    if raw:
+        value = raw[0]
+        if value[:7].lower() == b"bearer ":
+            return value[7:].strip().decode("utf-8", "replace") or None
+        return None
+    raw = request.requestHeaders.getRawHeaders(b"api-key")
+    if raw:
+        return raw[0].strip().decode("utf-8", "replace") or None
+    return None
+
+
+def _bad_path(path: bytes) -> bool:
+    """A path with ``.`` or ``..`` segments (raw or percent-encoded) or encoded slashes."""
+    if b"%" in path:
+        lowered = path.lower()
+        if b"%2f" in lowered or b"%5c" in lowered:
+            return True
+        path = unquote_to_bytes(path)
+    if b"/." not in path and b"\\" not in path:
+        return False
+    return any(seg in (b".", b"..") for seg in path.replace(b"\\", b"/").split(b"/"))
+
+
+class GatewayResource(resource.Resource):
+    """Every path of the gateway."""
+
+    isLeaf = True
+
+    def __init__(self, gateway: Gateway) -> None:
+        super().__init__()
+        self.gateway = gateway
+
+    def render(self, request: server.Request) -> Any:  # type: ignore[override]
+        path = request.path
+        if _bad_path(path):
+            write_error(request, 400, "invalid_path", "The request path is not valid.")
+            return server.NOT_DONE_YET
+        if path.startswith(b"/v1/"):
+            handle_v1(self.gateway, request)
+            return server.NOT_DONE_YET
+        if path == b"/healthz":
+            return self.gateway.healthz(request)
+        if path.startswith(b"/admin/") or path == b"/admin" or path == b"/metrics":
+            return self.gateway.admin.render(request)
+        write_error(
+            request,
+            404,
+            "unknown_url",
+            f"Unknown request URL: {request.method.decode('ascii', 'replace')} {path.decode('ascii', 'replace')[:200]}.",
+        )
+        return server.NOT_DONE_YET
+
+
+def new_request_id(request: server.Request) -> str:
+    """The client's ``X-Request-Id`` when it is sane, otherwise a fresh one."""
+    raw = request.requestHeaders.getRawHeaders(b"x-request-id")
+    if raw:
+        value = raw[0]
+        if 0 < len(value) <= 128 and all(c in _REQUEST_ID_OK for c in value):
+            return value.decode("ascii")
+    return "req_yg" + os.urandom(12).hex()
+
+
+def make_call(gateway: Gateway, request: server.Request, endpoint: str) -> Call:
+    addr = request.getClientAddress()
+    return Call(
+        request_id=new_request_id(request),
+        endpoint=endpoint,
+        method=request.method.decode("ascii", "replace"),
+        client_ip=getattr(addr, "host", "") or "",
+        started=gateway.clock.seconds(),
+        request=request,
+    )
+
+
+def reject(gateway: Gateway, call: Call, denial: Denial) -> None:
+    """Answer a request the gateway refuses before any upstream attempt, and account for it."""
+    request = call.request
+    assert request is not None
+    request.responseHeaders.setRawHeaders(b"x-request-id", [call.request_id.encode()])
+    for name, value in call.response_headers.items():
+        request.responseHeaders.setRawHeaders(name, [value])
+    if not getattr(request, "_disconnected", False):
+        write_error(
+            request,
+            denial.status,
+            denial.code,
+            denial.message,
+            retry_after=denial.retry_after,
+            type_=denial.type,
+        )
+    outcome = Outcome(
+        status=denial.status,
+        code=denial.code,
+        latency=gateway.clock.seconds() - call.started,
+    )
+    gateway.pm.hook.yugongd_request_finished(call=call, outcome=outcome)
+
+
+def handle_v1(gateway: Gateway, request: server.Request) -> None:
+    """Authenticate, authorize and forward one ``/v1/…`` request."""
+    endpoint_bytes = request.path[3:]
+    call = make_call(gateway, request, endpoint_bytes.decode("utf-8", "replace"))
+    if getattr(request, "too_large", False):
+        limit = gateway.config.limits.max_body
+        reject(
+            gateway,
+            call,
+            Denial(
+                413,
+                "request_too_large",
+                f"The request body is larger than the limit of {limit} bytes.",
+            ),
+        )
+        return
+    content = request.content
+    content.seek(0)
+    body = content.read()
+    ctype = (request.requestHeaders.getRawHeaders(b"content-type") or [b""])[0].lower()
+    try:
+        parsed, model, stream, body, strip_usage = inspect_body(body, ctype, endpoint_bytes)
+    except BadRequest as e:
+        reject(gateway, call, Denial(e.status, e.code, e.message))
+        return
+    call.body = parsed
+    call.model = model
+    call.stream = stream
+    call.expected_tokens = expected_tokens(body, parsed)
+    account = gateway.pm.hook.yugongd_authenticate(request=request, token=bearer_token(request))
+    if account is None:
+        message = gateway.unauthenticated_message(request)
+        reject(gateway, call, Denial(401, "invalid_api_key", message))
+        return
+    call.account = account
+    results = gateway.pm.hook.yugongd_authorize(call=call)
+    if any(isinstance(r, defer.Deferred) for r in results):
+        d = defer.gatherResults(
+            [defer.maybeDeferred(lambda r=r: r) for r in results], consumeErrors=True
+        )
+        d.addCallback(_authorized, gateway, call, body, strip_usage)
+        d.addErrback(_authorize_failed, gateway, call)
+        return
+    _authorized(results, gateway, call, body, strip_usage)
+
+
+def _authorize_failed(reason: Failure, gateway: Gateway, call: Call) -> None:
+    log.failure(
+        "request {request_id}: authorization hook failed", reason, request_id=call.request_id
+    )
+    reject(
+        gateway,
+        call,
+        Denial(500, "internal_error", "yugongd could not check this request.", type="server_error"),
+    )
+
+
+def _authorized(
+    results: list[Denial | None], gateway: Gateway, call: Call, body: bytes, strip_usage: bool
+) -> None:
+    for denial in results:
+        if denial is not None:
+            reject(gateway, call, denial)
+            return
+    request = call.request
+    assert request is not None
+    if getattr(request, "_disconnected", False):
+        reject(gateway, call, Denial(499, "client_closed", "The client went away."))
+        return
+    headers: dict[bytes, list[bytes]] = {}
+    connection = request.requestHeaders.getRawHeaders(b"connection") or []
+    extra_drop = {t.strip().lower() for v in connection for t in v.split(b",")}
+    for name, values in request.requestHeaders.getAllRawHeaders():
+        lname = name.lower()
+        if lname not in REQUEST_DROP and lname not in extra_drop:
+            headers[lname] = values
+    headers[b"x-request-id"] = [call.request_id.encode()]
+    headers[b"accept-encoding"] = [b"identity"]
+    query = request.uri.find(b"?")
+    path = request.path[3:] + (request.uri[query:] if query >= 0 else b"")
+    transform = None
+    account = call.account
+    if request.method == b"GET" and call.endpoint == "/models" and account is not None:
+        if account.models != ("*",):
+            transform = partial(filter_models, account.models)
+    ProxiedRequest(gateway, request, call, body, headers, path, strip_usage, transform).start()
+
+
+def filter_models(patterns: tuple[str, ...], body: bytes) -> bytes:
+    """``GET /v1/models`` as the account sees it: only the models its allowlist admits."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return body
+    if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
+        return body
+    doc["data"] = [
+        m
+        for m in doc["data"]
+        if isinstance(m, dict) and isinstance(m.get("id"), str) and models_match(patterns, m["id"])
+    ]
+    return json.dumps(doc).encode("utf-8")

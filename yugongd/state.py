@@ -1,0 +1,165 @@
+"""Durable state behind one narrow interface.
+
+The hot path never waits on this: accounts and keys are loaded once at start into memory
+(:class:`yugongd.accounts.AccountStore`, :class:`yugongd.pool.KeyPool`), changes made
+through the admin API are written behind, and ledger rows are appended to a queue that
+the store drains in batches. :class:`MemoryState` keeps everything in process memory
+(``state: "memory"``); the SQLite store implements the same :class:`StateStore`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+from attrs import define, field, frozen
+from twisted.internet.defer import Deferred, succeed
+
+from yugongd.model import Account
+
+
+@frozen
+class LedgerRow:
+    """One request, as the ledger keeps it."""
+
+    time: float
+    request_id: str
+    account_id: str
+    model: str | None
+    key_id: str | None
+    status: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    estimated: bool
+    latency: float
+    attempts: int
+    endpoint: str = ""
+
+
+@frozen
+class StoredKey:
+    """A key added through the admin API (config keys live in the config file)."""
+
+    upstream: str
+    id: str
+    key: str = field(repr=False)
+    organization: str | None = None
+    weight: float = 1.0
+    rpm: int | None = None
+    tpm: int | None = None
+    models: tuple[str, ...] = ("*",)
+
+
+@define
+class AccountTotals:
+    """Running totals of one account, restored at start and kept in memory after."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+
+    def add(self, row: LedgerRow) -> None:
+        self.requests += 1
+        self.prompt_tokens += row.prompt_tokens
+        self.completion_tokens += row.completion_tokens
+        self.cost_usd += row.cost_usd
+
+
+@frozen
+class Snapshot:
+    """What a store hands back when it opens."""
+
+    accounts: tuple[Account, ...] = ()
+    keys: tuple[StoredKey, ...] = ()
+    totals: dict[str, AccountTotals] = field(factory=dict)
+
+
+class StateStore(Protocol):
+    """Where accounts, runtime keys and the ledger are kept.
+
+    Writes (``save_*``, ``delete_*``, ``append``) return at once and are made durable
+    behind the hot path; ``flush`` fires when everything written so far is durable.
+    """
+
+    def open(self) -> Deferred[Snapshot]: ...
+
+    def save_account(self, account: Account) -> None: ...
+
+    def delete_account(self, account_id: str) -> None: ...
+
+    def save_key(self, key: StoredKey) -> None: ...
+
+    def delete_key(self, key_id: str) -> None: ...
+
+    def append(self, row: LedgerRow) -> None: ...
+
+    def query(
+        self, account_id: str | None, since: float | None, until: float | None
+    ) -> Deferred[list[LedgerRow]]: ...
+
+    def pending(self) -> int:
+        """Rows appended but not yet durable."""
+        ...
+
+    def flush(self) -> Deferred[None]: ...
+
+    def close(self) -> Deferred[None]: ...
+
+
+class MemoryState:
+    """``state: "memory"``: everything in this process, nothing survives a restart."""
+
+    def __init__(self) -> None:
+        self.accounts: dict[str, Account] = {}
+        self.keys: dict[str, StoredKey] = {}
+        self.rows: list[LedgerRow] = []
+
+    def open(self) -> Deferred[Snapshot]:
+        totals: dict[str, AccountTotals] = {}
+        for row in self.rows:
+            totals.setdefault(row.account_id, AccountTotals()).add(row)
+        return succeed(Snapshot(tuple(self.accounts.values()), tuple(self.keys.values()), totals))
+
+    def save_account(self, account: Account) -> None:
+        self.accounts[account.id] = account
+
+    def delete_account(self, account_id: str) -> None:
+        self.accounts.pop(account_id, None)
+
+    def save_key(self, key: StoredKey) -> None:
+        self.keys[key.id] = key
+
+    def delete_key(self, key_id: str) -> None:
+        self.keys.pop(key_id, None)
+
+    def append(self, row: LedgerRow) -> None:
+        self.rows.append(row)
+
+    def query(
+        self, account_id: str | None, since: float | None, until: float | None
+    ) -> Deferred[list[LedgerRow]]:
+        return succeed(list(_select(self.rows, account_id, since, until)))
+
+    def pending(self) -> int:
+        return 0
+
+    def flush(self) -> Deferred[None]:
+        return succeed(None)
+
+    def close(self) -> Deferred[None]:
+        return succeed(None)
+
+
+def _select(
+    rows: Iterable[LedgerRow], account_id: str | None, since: float | None, until: float | None
+) -> Iterable[LedgerRow]:
+    for row in rows:
+        if account_id is not None and row.account_id != account_id:
+            continue
+        if since is not None and row.time < since:
+            continue
+        if until is not None and row.time >= until:
+            continue
+        yield row

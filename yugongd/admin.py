@@ -15,6 +15,7 @@ from twisted.web import server
 
 from yugongd.errors import error_body, write_json
 from yugongd.pool import UpstreamKey
+from yugongd.site import read_body
 
 if TYPE_CHECKING:
     from yugongd.gateway import Gateway
@@ -51,8 +52,7 @@ def key_object(key: UpstreamKey) -> dict[str, Any]:
 
 
 def _json_body(request: server.Request) -> dict[str, Any]:
-    request.content.seek(0)
-    raw = request.content.read()
+    raw = read_body(request)
     if not raw.strip():
         return {}
     try:

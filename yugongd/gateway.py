@@ -179,7 +179,7 @@ class Gateway:
             )
         return "Incorrect API key provided. Use the key of a yugongd account."
 
-    def healthz(self, request: server.Request) -> bytes:
+    def healthz(self, request: server.Request) -> Any:
         body = json.dumps({"status": "ok", "keys": self.pool.counts()}).encode()
         write_json(request, 200, body)
-        return server.NOT_DONE_YET  # type: ignore[no-any-return]
+        return server.NOT_DONE_YET

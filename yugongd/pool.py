@@ -127,9 +127,9 @@ class KeyPool:
                 new_keys[kc.id] = self._make_key(endpoint, kc, "config")
         for key in self.keys.values():
             if key.source != "config" and key.id not in new_keys:
-                endpoint = new_upstreams.get(key.upstream)
-                if endpoint is not None:
-                    key.endpoint = endpoint
+                kept = new_upstreams.get(key.upstream)
+                if kept is not None:
+                    key.endpoint = kept
                     new_keys[key.id] = key
         self.upstreams = new_upstreams
         self.keys = new_keys

@@ -204,7 +204,7 @@ class _Collect(Protocol):
         if self.size <= self.limit:
             self.parts.append(data)
         elif self.transport is not None:
-            self.transport.stopProducing()
+            self.transport.stopProducing()  # type: ignore[attr-defined]
 
     def connectionLost(self, reason: Failure = _DONE) -> None:
         self.done.callback(b"".join(self.parts))

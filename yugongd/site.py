@@ -62,8 +62,11 @@ class GatewayRequest(server.Request):
     too_large = False
     _body_size = 0
 
+    def _max_body(self) -> int:
+        return int(self.channel.site.max_body)  # type: ignore[attr-defined]
+
     def gotLength(self, length: int | None) -> None:
-        limit = self.channel.site.max_body
+        limit = self._max_body()
         if length is not None and length > limit:
             self.too_large = True
             self.content = _Discard()
@@ -74,12 +77,14 @@ class GatewayRequest(server.Request):
         if self.too_large:
             return
         self._body_size += len(data)
-        if self._body_size > self.channel.site.max_body:
+        if self._body_size > self._max_body():
             self.too_large = True
-            self.content.close()
+            if self.content is not None:
+                self.content.close()
             self.content = _Discard()
             return
-        self.content.write(data)
+        if self.content is not None:
+            self.content.write(data)
 
 
 class GatewaySite(server.Site):
@@ -144,7 +149,7 @@ class GatewayResource(resource.Resource):
         super().__init__()
         self.gateway = gateway
 
-    def render(self, request: server.Request) -> Any:  # type: ignore[override]
+    def render(self, request: server.Request) -> Any:
         path = request.path
         if _bad_path(path):
             write_error(request, 400, "invalid_path", "The request path is not valid.")
@@ -163,6 +168,15 @@ class GatewayResource(resource.Resource):
             f"Unknown request URL: {request.method.decode('ascii', 'replace')} {path.decode('ascii', 'replace')[:200]}.",
         )
         return server.NOT_DONE_YET
+
+
+def read_body(request: server.Request) -> bytes:
+    """The whole request body, as twisted.web buffered it."""
+    content = request.content
+    if content is None:
+        return b""
+    content.seek(0)
+    return bytes(content.read())
 
 
 def new_request_id(request: server.Request) -> str:
@@ -227,9 +241,7 @@ def handle_v1(gateway: Gateway, request: server.Request) -> None:
             ),
         )
         return
-    content = request.content
-    content.seek(0)
-    body = content.read()
+    body = read_body(request)
     ctype = (request.requestHeaders.getRawHeaders(b"content-type") or [b""])[0].lower()
     try:
         parsed, model, stream, body, strip_usage = inspect_body(body, ctype, endpoint_bytes)
@@ -249,7 +261,8 @@ def handle_v1(gateway: Gateway, request: server.Request) -> None:
     results = gateway.pm.hook.yugongd_authorize(call=call)
     if any(isinstance(r, defer.Deferred) for r in results):
         d = defer.gatherResults(
-            [defer.maybeDeferred(lambda r=r: r) for r in results], consumeErrors=True
+            [r if isinstance(r, defer.Deferred) else defer.succeed(r) for r in results],
+            consumeErrors=True,
         )
         d.addCallback(_authorized, gateway, call, body, strip_usage)
         d.addErrback(_authorize_failed, gateway, call)
@@ -286,7 +299,7 @@ def _authorized(
     for name, values in request.requestHeaders.getAllRawHeaders():
         lname = name.lower()
         if lname not in REQUEST_DROP and lname not in extra_drop:
-            headers[lname] = values
+            headers[lname] = list(values)
     headers[b"x-request-id"] = [call.request_id.encode()]
     headers[b"accept-encoding"] = [b"identity"]
     query = request.uri.find(b"?")

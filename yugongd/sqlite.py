@@ -304,13 +304,13 @@ class SQLiteState:
         self, account_id: str | None, since: float | None, until: float | None
     ) -> defer.Deferred[list[LedgerRow]]:
         """Ledger rows, read by the writer thread (after what is queued is written)."""
-        d = self.flush()
-        d.addCallback(
-            lambda _: deferToThreadPool(
+
+        def read(_: object) -> defer.Deferred[list[LedgerRow]]:
+            return deferToThreadPool(
                 self.reactor, self._threads, self._query, account_id, since, until
             )
-        )
-        return d
+
+        return self.flush().addCallback(read)
 
     def _query(
         self, account_id: str | None, since: float | None, until: float | None

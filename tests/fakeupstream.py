@@ -421,8 +421,10 @@ class _Handler(BaseHTTPRequestHandler):
         if self._drop_after is not None:
             self._write(data[: len(data) // 2])
             self._abort()
+        request_id = self.headers.get("x-request-id") or "?"
         for i in range(0, len(data), 16384):
             self._write(data[i : i + 16384])
+            self.server.fake.sent[request_id] = i + len(data[i : i + 16384])
 
     def _send_json(self, obj: object, status: int = 200) -> None:
         self._send_bytes(status, json.dumps(obj).encode())
@@ -701,6 +703,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json({"created": int(time.time()), "data": [dict(item) for _ in range(n)]})
 
     def _speech(self, req: dict[str, Any], headers: dict[str, str]) -> None:
+        size = headers.get("x-fake-bytes")
+        if size:
+            # a large body for backpressure tests: progress is recorded as it is written
+            self._send_bytes(200, b"\x00" * int(size), "audio/mpeg")
+            return
         self._send_bytes(200, speech_bytes(str(req.get("input", ""))), "audio/mpeg")
 
     def _responses(self, req: dict[str, Any], headers: dict[str, str]) -> None:
@@ -878,6 +885,8 @@ class FakeUpstream:
         self._lock = threading.Lock()
         self.received: list[Received] = []
         self.disconnects: list[str] = []
+        #: bytes of a fixed-length body written so far, by x-request-id
+        self.sent: dict[str, int] = {}
         self._scripts: dict[str, deque[Behaviour]] = {}
         self._defaults: dict[str, Behaviour] = {}
         self._server = _Server((host, port), self)

@@ -429,9 +429,21 @@ def test_default_config_without_keys() -> None:
             "state: sqlite:yugongd.db (relative to the working directory)",
             "upstream 'openai': https://api.openai.com/v1",
             "OPENAI_API_KEY is not set: no upstream keys, requests will get 503 until keys are "
-            "added through the admin API",
+            "added (set OPENAI_API_KEY, or a config file)",
+            "admin API: off (set YUGONGD_ADMIN_TOKEN to turn it on)",
         ),
     )
+
+
+def test_default_config_admin_token_from_the_environment() -> None:
+    c = default_config({"YUGONGD_ADMIN_TOKEN": "t0ken"})
+    assert c.admin == AdminConfig(token="t0ken")
+    assert c.notes[-2:] == (
+        "OPENAI_API_KEY is not set: no upstream keys, requests will get 503 until keys are "
+        "added through the admin API",
+        "admin API: on (token from YUGONGD_ADMIN_TOKEN)",
+    )
+    assert not any("t0ken" in note for note in c.notes)
 
 
 def test_default_config_one_key() -> None:
@@ -443,7 +455,7 @@ def test_default_config_one_key() -> None:
             keys=(KeyConfig(id="openai-1", key="sk-abc"),),
         ),
     )
-    assert c.notes[-1] == "1 upstream key from OPENAI_API_KEY"
+    assert c.notes[-2] == "1 upstream key from OPENAI_API_KEY"
     assert not any("sk-abc" in note for note in c.notes)
 
 
@@ -464,6 +476,7 @@ def test_default_config_two_keys_and_base_url() -> None:
         "state: sqlite:yugongd.db (relative to the working directory)",
         "upstream 'openai': http://127.0.0.1:9999/v1 (from OPENAI_BASE_URL)",
         "2 upstream keys from OPENAI_API_KEY",
+        "admin API: off (set YUGONGD_ADMIN_TOKEN to turn it on)",
     )
 
 

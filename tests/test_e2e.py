@@ -388,3 +388,33 @@ def test_pool_keys_never_in_the_log(upstream, gateway):
     assert "fake-a" in out  # the failing key is named by its id
     for secret in (POOL_KEY, POOL_KEY_2, ALICE, BOB):
         assert secret not in out
+
+
+def test_a_slow_client_slows_the_upstream_read(upstream, gateway):
+    """Backpressure: while the client reads nothing, the gateway stops reading the
+    upstream instead of buffering the whole response in memory."""
+    total = 200 * 1024 * 1024
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
+    conn.request(
+        "POST",
+        "/v1/audio/speech",
+        json.dumps({"model": "tts-1", "input": "x", "voice": "alloy"}),
+        {
+            "Authorization": f"Bearer {ALICE}",
+            "Content-Type": "application/json",
+            "X-Request-Id": "slow-reader",
+            "x-fake-bytes": str(total),
+        },
+    )
+    resp = conn.getresponse()
+    assert resp.status == 200
+    time.sleep(1.5)
+    stalled = upstream.sent.get("slow-reader", 0)
+    # kernel socket buffers on both hops hold a few MB at most; without backpressure the
+    # gateway would have read all 200 MB from the loopback upstream by now
+    assert 0 < stalled < 40 * 1024 * 1024, stalled
+    received = 0
+    while chunk := resp.read(1 << 20):
+        received += len(chunk)
+    assert received == total
+    assert upstream.sent["slow-reader"] == total

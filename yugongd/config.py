@@ -304,17 +304,25 @@ def default_config(environ: Mapping[str, str] | None = None) -> Config:
         f"state: {DEFAULT_STATE} (relative to the working directory)",
         f"upstream 'openai': {base_url}" + (" (from OPENAI_BASE_URL)" if raw_url else ""),
     ]
+    token = env.get("YUGONGD_ADMIN_TOKEN", "").strip() or None
     if keys:
         n = len(keys)
         notes.append(f"{n} upstream key{'s' if n != 1 else ''} from OPENAI_API_KEY")
     else:
         notes.append(
             "OPENAI_API_KEY is not set: no upstream keys, requests will get 503 until keys "
-            "are added through the admin API"
+            "are added"
+            + (" through the admin API" if token else " (set OPENAI_API_KEY, or a config file)")
         )
+    notes.append(
+        "admin API: on (token from YUGONGD_ADMIN_TOKEN)"
+        if token
+        else "admin API: off (set YUGONGD_ADMIN_TOKEN to turn it on)"
+    )
     return Config(
         source=DEFAULTS_SOURCE,
         upstreams=(upstream,),
+        admin=AdminConfig(token=token),
         notes=tuple(notes),
     )
 

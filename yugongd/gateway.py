@@ -65,8 +65,10 @@ class Gateway:
         self._agents: dict[str, tuple[Upstream, client.Agent]] = {}
         self.pm = pm if pm is not None else make_plugin_manager(config, self)
         from yugongd.admin import AdminAPI
+        from yugongd.billing import BillingAPI
 
         self.admin = AdminAPI(self)
+        self.billing = BillingAPI(self)
         self.started = False
 
     # -- lifecycle ----------------------------------------------------------------------

@@ -155,8 +155,12 @@ class GatewayResource(resource.Resource):
             write_error(request, 400, "invalid_path", "The request path is not valid.")
             return server.NOT_DONE_YET
         if path.startswith(b"/v1/"):
+            if path.startswith(b"/v1/dashboard/billing/"):
+                return self.gateway.billing.render(request, path[3:])
             handle_v1(self.gateway, request)
             return server.NOT_DONE_YET
+        if path.startswith(b"/dashboard/billing/"):
+            return self.gateway.billing.render(request, path)
         if path == b"/healthz":
             return self.gateway.healthz(request)
         if path.startswith(b"/admin/") or path == b"/admin" or path == b"/metrics":

@@ -20,8 +20,9 @@ def make_pool(clock, keys, models=("*",)):
 
 
 class FakeGateway:
-    def __init__(self, strategy="least-loaded", **pool):
+    def __init__(self, strategy="least-loaded", clock=None, **pool):
         self.config = Config(source="<test>", pool=PoolConfig(strategy=strategy, **pool))
+        self.clock = clock or Clock()
 
 
 def call():

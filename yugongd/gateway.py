@@ -11,15 +11,19 @@ import json
 from typing import TYPE_CHECKING, Any
 
 import pluggy
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import client, server
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
 
 from yugongd.accounts import AccountStore
 from yugongd.errors import write_json
 from yugongd.ledger import Ledger
 from yugongd.plugins import make_plugin_manager
-from yugongd.pool import KeyPool, Upstream
+from yugongd.pool import KeyPool, Upstream, UpstreamKey
+from yugongd.proxy import PoolQueue
 from yugongd.state import StateStore, StoredKey
 from yugongd.usage import PriceTable
 
@@ -30,6 +34,9 @@ if TYPE_CHECKING:
     from yugongd.proxy import ProxiedRequest
 
 log = Logger()
+
+#: how often (seconds, at most) disabled keys are looked at for a due probe
+PROBE_TICK = 5.0
 
 
 class _QuietClientFactory(client._HTTP11ClientFactory):
@@ -57,6 +64,7 @@ class Gateway:
         self.ledger = Ledger(state)
         self.prices = PriceTable(config.prices)
         self.inflight: set[ProxiedRequest] = set()
+        self.queue = PoolQueue(reactor)
         self.http_pool = client.HTTPConnectionPool(reactor, persistent=True)
         self.http_pool.maxPersistentPerHost = 256
         self.http_pool.cachedConnectionTimeout = 90
@@ -70,6 +78,7 @@ class Gateway:
         self.admin = AdminAPI(self)
         self.billing = BillingAPI(self)
         self.started = False
+        self.prober: task.LoopingCall | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -83,6 +92,9 @@ class Gateway:
         self.apply_config(self.config)
         for stored in snapshot.keys:
             self._add_stored_key(stored)
+        self.prober = task.LoopingCall(self.probe_keys)
+        self.prober.clock = self.reactor
+        self.prober.start(min(self.config.pool.probe_interval, PROBE_TICK), now=False)
         self.started = True
 
     def _add_stored_key(self, stored: StoredKey) -> None:
@@ -152,9 +164,59 @@ class Gateway:
     @defer.inlineCallbacks
     def stop(self) -> Any:
         """Flush the ledger and close the store and the upstream connections."""
+        if self.prober is not None and self.prober.running:
+            self.prober.stop()
         yield self.state.flush()
         yield self.state.close()
         yield self.http_pool.closeCachedConnections()
+
+    # -- probes ---------------------------------------------------------------------------
+
+    def probe_keys(self) -> None:
+        """Re-test, every ``pool.probe_interval``, the keys disabled for quota or repeated
+        failures, with ``GET /models``; a key that passes is enabled again."""
+        now = self.clock.seconds()
+        interval = self.config.pool.probe_interval
+        for key in list(self.pool.keys.values()):
+            if not key.enabled and key.probe and now - key.disabled_at >= interval:
+                key.disabled_at = now
+                self._probe(key)
+
+    def _probe(self, key: UpstreamKey) -> defer.Deferred[Any]:
+        headers = Headers({b"authorization": [key.auth_header]})
+        if key.org_header is not None:
+            headers.setRawHeaders(b"openai-organization", [key.org_header])
+        url = key.endpoint.base_url.encode("ascii") + b"/models"
+        d = self.agent_for(key.endpoint).request(b"GET", url, headers)
+        timeout = self.reactor.callLater(key.endpoint.timeouts.first_byte, d.cancel)
+
+        def answered(response: IResponse) -> defer.Deferred[None]:
+            if timeout.active():
+                timeout.cancel()
+            done = client.readBody(response)
+            if response.code == 200 and key.id in self.pool.keys and not key.enabled and key.probe:
+                self.pool.enable(key)
+                log.info("key {key_id} passed its probe: enabled again", key_id=key.id)
+            else:
+                log.info(
+                    "key {key_id} failed its probe (HTTP {status}); next try in {interval}s",
+                    key_id=key.id,
+                    status=response.code,
+                    interval=self.config.pool.probe_interval,
+                )
+            return done.addCallbacks(lambda _: None, lambda _: None)
+
+        def failed(reason: Failure) -> None:
+            if timeout.active():
+                timeout.cancel()
+            log.info(
+                "key {key_id} failed its probe ({problem}); next try in {interval}s",
+                key_id=key.id,
+                problem=type(reason.value).__name__,
+                interval=self.config.pool.probe_interval,
+            )
+
+        return d.addCallbacks(answered, failed)
 
     # -- per request helpers ------------------------------------------------------------
 

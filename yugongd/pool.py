@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 from attrs import define, field
 
+from yugongd.ratelimit import Budget
+
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
 
@@ -72,8 +74,11 @@ class UpstreamKey:
     requests: int = 0
     failures: int = 0
     last_error: str | None = None
-    remaining_requests: int | None = None
-    remaining_tokens: int | None = None
+    #: whether the prober may re-enable it (disabled for quota or repeated failures)
+    probe: bool = False
+    disabled_at: float = 0.0
+    #: the organisation's requests/tokens budget, shared by the keys of one organisation
+    budget: Budget = field(factory=lambda: Budget("?"), repr=False)
     #: the ``Authorization`` (and organisation) headers, built once
     auth_header: bytes = field(default=b"", repr=False)
     org_header: bytes | None = field(default=None, repr=False)
@@ -85,6 +90,20 @@ class UpstreamKey:
     @property
     def hint(self) -> str:
         return key_hint(self.secret)
+
+    @property
+    def budget_name(self) -> str:
+        return f"org:{self.upstream}:{self.organization}" if self.organization else f"key:{self.id}"
+
+    @property
+    def remaining_requests(self) -> int | None:
+        bucket = self.budget.requests
+        return None if bucket.capacity is None else int(bucket.level(self.clock.seconds()))
+
+    @property
+    def remaining_tokens(self) -> int | None:
+        bucket = self.budget.tokens
+        return None if bucket.capacity is None else int(bucket.level(self.clock.seconds()))
 
     @property
     def state(self) -> str:
@@ -106,6 +125,7 @@ class KeyPool:
         self.clock = clock
         self.upstreams: dict[str, Upstream] = {}
         self.keys: dict[str, UpstreamKey] = {}
+        self.budgets: dict[str, Budget] = {}
         # model -> keys that serve it regardless of state; cleared when keys change
         self._serving: dict[str | None, tuple[UpstreamKey, ...]] = {}
 
@@ -133,7 +153,23 @@ class KeyPool:
                     new_keys[key.id] = key
         self.upstreams = new_upstreams
         self.keys = new_keys
+        self._rebuild_budgets()
         self._serving.clear()
+
+    def _rebuild_budgets(self) -> None:
+        """One budget per organisation (or per key without one), keeping what was learned."""
+        old = self.budgets
+        self.budgets = {}
+        for key in self.keys.values():
+            name = key.budget_name
+            budget = self.budgets.get(name)
+            if budget is None:
+                budget = old.get(name) or Budget(name)
+                budget.configure(key.rpm, key.tpm)
+                self.budgets[name] = budget
+            else:
+                budget.configure(key.rpm, key.tpm)
+            key.budget = budget
 
     def _make_key(self, endpoint: Upstream, kc: KeyConfig, source: str) -> UpstreamKey:
         old = self.keys.get(kc.id)
@@ -160,8 +196,8 @@ class KeyPool:
                 "requests",
                 "failures",
                 "last_error",
-                "remaining_requests",
-                "remaining_tokens",
+                "probe",
+                "disabled_at",
             ):
                 setattr(key, name, getattr(old, name))
         return key
@@ -171,15 +207,18 @@ class KeyPool:
         endpoint = self.upstreams[upstream]
         key = self._make_key(endpoint, kc, source)
         self.keys[key.id] = key
+        self._rebuild_budgets()
         self._serving.clear()
         return key
 
     def keys_changed(self) -> None:
-        """A key's models changed: forget which keys serve which model."""
+        """A key's models or limits changed: forget which keys serve which model."""
+        self._rebuild_budgets()
         self._serving.clear()
 
     def remove_key(self, key_id: str) -> UpstreamKey | None:
         key = self.keys.pop(key_id, None)
+        self._rebuild_budgets()
         self._serving.clear()
         return key
 
@@ -195,19 +234,31 @@ class KeyPool:
             self._serving[model] = keys
         return keys
 
-    def candidates(self, model: str | None, tried: set[str]) -> list[UpstreamKey]:
-        """Keys that may take the next attempt: serving, enabled, not cooling, not tried."""
+    def candidates(self, model: str | None, tried: set[str], tokens: int = 0) -> list[UpstreamKey]:
+        """Keys that may take the next attempt: serving, enabled, not cooling, not tried,
+        and with room in their organisation's budget for one request of ``tokens``."""
         now = self.clock.seconds()
         return [
             k
             for k in self.serving(model)
-            if k.enabled and k.cooldown_until <= now and k.id not in tried
+            if k.enabled
+            and k.cooldown_until <= now
+            and k.id not in tried
+            and k.budget.admits(tokens, now)
         ]
 
-    def soonest_free(self, model: str | None, tried: set[str]) -> float | None:
-        """When the first enabled, untried, cooling key that serves ``model`` is free again."""
-        times = [k.cooldown_until for k in self.serving(model) if k.enabled and k.id not in tried]
-        return min(times) if times else None
+    def soonest_free(self, model: str | None, tried: set[str], tokens: int = 0) -> float | None:
+        """When the first enabled, untried key that serves ``model`` can take a request of
+        ``tokens`` (its cooldown over and its budget refilled); ``None`` if none ever can."""
+        now = self.clock.seconds()
+        best = None
+        for k in self.serving(model):
+            if not k.enabled or k.id in tried:
+                continue
+            at = max(k.cooldown_until, now + k.budget.wait_for(tokens, now))
+            if best is None or at < best:
+                best = at
+        return best if best is not None and best != float("inf") else None
 
     # -- state changes ------------------------------------------------------------------
 
@@ -215,16 +266,20 @@ class KeyPool:
         key.cooldown_until = max(key.cooldown_until, self.clock.seconds() + seconds)
         key.last_error = reason
 
-    def disable(self, key: UpstreamKey, reason: str) -> None:
+    def disable(self, key: UpstreamKey, reason: str, probe: bool = False) -> None:
+        """Take ``key`` out of service; with ``probe`` the prober may bring it back."""
         key.enabled = False
         key.disabled_reason = reason
         key.last_error = reason
+        key.probe = probe
+        key.disabled_at = self.clock.seconds()
 
     def enable(self, key: UpstreamKey) -> None:
         key.enabled = True
         key.disabled_reason = None
         key.cooldown_until = 0.0
         key.strikes = 0
+        key.probe = False
 
     def counts(self) -> dict[str, int]:
         out = {"active": 0, "cooling": 0, "disabled": 0}

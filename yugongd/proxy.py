@@ -30,6 +30,7 @@ from zope.interface import implementer
 
 from yugongd.errors import error_body, sse_error_event, write_error
 from yugongd.model import AttemptFailure, Call, FailureDecision, Outcome
+from yugongd.ratelimit import parse_duration, parse_int, parse_retry_after
 from yugongd.usage import SSEUsageScanner, make_usage, usage_from_json
 
 if TYPE_CHECKING:
@@ -226,29 +227,31 @@ class _Relay(Protocol):
         self.owner._body_done(reason)
 
 
-def _retry_after(headers: Headers) -> float | None:
-    """Seconds from ``Retry-After`` (seconds or an HTTP date) or ``retry-after-ms``."""
+def _retry_after(headers: Headers, status: int) -> float | None:
+    """How long the upstream asked us to wait: ``retry-after-ms`` or ``Retry-After``
+    (seconds or an HTTP date); for a 429 without them, the ``x-ratelimit-reset-*`` of
+    whichever limit (requests, tokens) is used up."""
     ms = headers.getRawHeaders(b"retry-after-ms")
     if ms:
-        try:
-            return max(0.0, float(ms[0]) / 1000.0)
-        except ValueError:
-            pass
+        value = parse_duration(ms[0])
+        if value is not None:
+            return value / 1000.0
     values = headers.getRawHeaders(b"retry-after")
-    if not values:
+    if values:
+        value = parse_retry_after(values[0])
+        if value is not None:
+            return value
+    if status != 429:
         return None
-    raw = values[0].strip()
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        pass
-    try:
-        when = http.stringToDatetime(raw)
-    except Exception:
-        return None
-    import time
-
-    return max(0.0, when - time.time())
+    waits = []
+    for kind in (b"requests", b"tokens"):
+        remaining = headers.getRawHeaders(b"x-ratelimit-remaining-" + kind)
+        reset = headers.getRawHeaders(b"x-ratelimit-reset-" + kind)
+        if remaining and reset and parse_int(remaining[0]) == 0:
+            value = parse_duration(reset[0])
+            if value is not None:
+                waits.append(value)
+    return max(waits) if waits else None
 
 
 def _error_code(body: bytes) -> tuple[str | None, str]:
@@ -310,21 +313,39 @@ class ProxiedRequest:
         self.client_gone = False
         self.finished = False
         self.usage_counted: tuple[int, int] | None = None
+        #: tokens taken from the current attempt's key budget, settled at the end
+        self.taken_tokens = 0
+        self.queued = False
+        self.queue_deadline = call.started + gateway.config.pool.queue_timeout
         request.notifyFinish().addErrback(self._client_lost)
 
     # -- attempts -----------------------------------------------------------------------
 
     def start(self) -> None:
         self.gateway.inflight.add(self)
+        if self.gateway.queue:
+            # others are already waiting for a key: first come, first served
+            self.gateway.queue.add(self)
+            return
         self._attempt()
+
+    def ready(self) -> bool:
+        """For the queue: whether a key can take this request now."""
+        call = self.call
+        return bool(self.gateway.pool.candidates(call.model, call.tried, call.expected_tokens))
+
+    def free_at(self) -> float | None:
+        call = self.call
+        return self.gateway.pool.soonest_free(call.model, call.tried, call.expected_tokens)
 
     def _attempt(self) -> None:
         gw = self.gateway
         call = self.call
+        self.queued = False
         if call.attempt >= gw.config.failover.attempts:
             self._give_up()
             return
-        candidates = gw.pool.candidates(call.model, call.tried)
+        candidates = gw.pool.candidates(call.model, call.tried, call.expected_tokens)
         if not candidates:
             self._no_candidates()
             return
@@ -336,6 +357,8 @@ class ProxiedRequest:
         call.attempt += 1
         key.inflight += 1
         key.requests += 1
+        self.taken_tokens = call.expected_tokens
+        key.budget.take(self.taken_tokens, gw.clock.seconds())
         headers = Headers(self.headers)
         headers.setRawHeaders(b"authorization", [key.auth_header])
         if key.org_header is not None:
@@ -367,6 +390,11 @@ class ProxiedRequest:
         self.pending = None
         self._cancel_first_byte_timer()
         key.inflight -= 1
+        # the upstream never counted this attempt: give its budget back
+        now = self.gateway.clock.seconds()
+        key.budget.requests.give_back(1, now)
+        key.budget.tokens.give_back(self.taken_tokens, now)
+        self.taken_tokens = 0
         if self.client_gone:
             self._complete()
             return
@@ -406,6 +434,8 @@ class ProxiedRequest:
 
     def _on_error_body(self, body: bytes, key: UpstreamKey, response: IResponse) -> None:
         key.inflight -= 1
+        key.budget.tokens.give_back(self.taken_tokens, self.gateway.clock.seconds())
+        self.taken_tokens = 0
         if self.client_gone:
             self._complete()
             return
@@ -414,7 +444,7 @@ class ProxiedRequest:
             "status",
             status=response.code,
             code=code,
-            retry_after=_retry_after(response.headers),
+            retry_after=_retry_after(response.headers, response.code),
             message=f"HTTP {response.code}"
             + (f" {code}" if code else "")
             + (f": {message}" if message else ""),
@@ -432,7 +462,15 @@ class ProxiedRequest:
         )
         if decision is not None:
             if decision.disable:
-                gw.pool.disable(key, decision.disable)
+                # quota and repeated failures may heal: the prober re-tests those keys;
+                # a revoked key (401/403) waits for the admin
+                probe = (
+                    af.kind != "status"
+                    or af.status is None
+                    or af.status >= 500
+                    or (af.code == "insufficient_quota")
+                )
+                gw.pool.disable(key, decision.disable, probe=probe)
             elif decision.cooldown:
                 gw.pool.cool_down(key, decision.cooldown, af.message)
         log.info(
@@ -448,22 +486,33 @@ class ProxiedRequest:
             self._give_up()
 
     def _no_candidates(self) -> None:
-        """No key may take the next attempt."""
+        """No key may take the next attempt: wait for one (bounded), or answer."""
+        gw = self.gateway
+        call = self.call
+        if self.last_failure is None and not any(k.enabled for k in gw.pool.serving(call.model)):
+            what = f"model {call.model!r}" if call.model else "this request"
+            self._reject(503, "no_upstream_key", f"No enabled upstream key serves {what}.")
+            return
+        soonest = self.free_at()
+        if soonest is not None and soonest <= self.queue_deadline and gw.queue.add(self):
+            return
+        self.expire(soonest)
+
+    def expire(self, soonest: float | None) -> None:
+        """Waiting any longer would pass ``pool.queue_timeout``: answer now."""
         if self.last_failure is not None:
             self._give_up()
             return
         gw = self.gateway
-        call = self.call
-        if not any(k.enabled for k in gw.pool.serving(call.model)):
-            what = f"model {call.model!r}" if call.model else "this request"
-            self._reject(503, "no_upstream_key", f"No enabled upstream key serves {what}.")
-            return
-        soonest = gw.pool.soonest_free(call.model, call.tried)
-        wait = max(0.0, (soonest or gw.clock.seconds()) - gw.clock.seconds())
+        if soonest is None:
+            wait = gw.config.pool.cooldown
+        else:
+            wait = max(0.0, soonest - gw.clock.seconds())
         self._reject(
             429,
             "pool_exhausted",
-            "Every upstream key that serves this model is cooling down; try again later.",
+            "Every upstream key that serves this model is cooling down or at its rate "
+            "limit; try again later.",
             retry_after=wait,
         )
 
@@ -629,6 +678,10 @@ class ProxiedRequest:
         if self.finished:
             return
         self.client_gone = True
+        if self.queued:
+            self.gateway.queue.remove(self)
+            self._complete()
+            return
         if self.pending is not None:
             self.pending.cancel()
         if self.upstream_transport is not None:
@@ -660,6 +713,8 @@ class ProxiedRequest:
         call = self.call
         now = gw.clock.seconds()
         usage = None
+        if self.queued:
+            gw.queue.remove(self)
         if self.reached_upstream:
             if self.status and self.status < 400:
                 estimate = (
@@ -672,6 +727,10 @@ class ProxiedRequest:
                 usage = make_usage(gw.prices, call.model, counted, estimate)
             else:
                 usage = make_usage(gw.prices, None, (0, 0), (0, 0))
+            if self.key is not None and self.taken_tokens:
+                # settle the admission estimate with what the request really used
+                self.key.budget.tokens.give_back(self.taken_tokens - usage.total_tokens, now)
+                self.taken_tokens = 0
             gw.pm.hook.yugongd_usage(call=call, key=self.key, usage=usage)
         outcome = Outcome(
             status=self.status or (499 if self.client_gone else 0),
@@ -685,6 +744,69 @@ class ProxiedRequest:
             usage=usage,
         )
         gw.pm.hook.yugongd_request_finished(call=call, outcome=outcome)
+
+
+class PoolQueue:
+    """Requests waiting for a key (all serving keys cooling down or at their limits).
+
+    First come, first served: whenever the soonest key is due, the waiters are offered
+    keys in arrival order; each waits at most until its ``queue_deadline``
+    (``pool.queue_timeout`` after it arrived) and is then answered 429 ``pool_exhausted``.
+    A waiter whose client leaves is dropped at once.
+    """
+
+    def __init__(self, reactor: Any, limit: int = 10000) -> None:
+        self.reactor = reactor
+        self.limit = limit
+        self.waiters: dict[ProxiedRequest, None] = {}
+        self._timer: IDelayedCall | None = None
+
+    def __len__(self) -> int:
+        return len(self.waiters)
+
+    def add(self, waiter: ProxiedRequest) -> bool:
+        """Queue ``waiter``; false when the queue is full."""
+        if len(self.waiters) >= self.limit:
+            return False
+        waiter.queued = True
+        self.waiters[waiter] = None
+        at = waiter.free_at()
+        now = self.reactor.seconds()
+        self._schedule(0.0 if at is None else max(0.0, min(at, waiter.queue_deadline) - now))
+        return True
+
+    def remove(self, waiter: ProxiedRequest) -> None:
+        waiter.queued = False
+        self.waiters.pop(waiter, None)
+
+    def _schedule(self, delay: float) -> None:
+        timer = self._timer
+        if timer is not None and timer.active():
+            if timer.getTime() <= self.reactor.seconds() + delay:
+                return
+            timer.cancel()
+        self._timer = self.reactor.callLater(delay, self.pump)
+
+    def pump(self) -> None:
+        """Offer keys to the waiters in arrival order."""
+        self._timer = None
+        now = self.reactor.seconds()
+        next_at: float | None = None
+        for waiter in list(self.waiters):
+            if waiter not in self.waiters:
+                continue
+            if waiter.ready():
+                self.remove(waiter)
+                waiter._attempt()
+                continue
+            at = waiter.free_at()
+            if at is None or at > waiter.queue_deadline or now >= waiter.queue_deadline:
+                self.remove(waiter)
+                waiter.expire(at)
+                continue
+            next_at = at if next_at is None else min(next_at, at)
+        if next_at is not None and self.waiters:
+            self._schedule(max(0.0, next_at - now))
 
 
 def _describe(reason: Failure) -> str:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from yugongd._markers import hookimpl
 from yugongd.model import Call
+from yugongd.ratelimit import parse_duration, parse_int
 
 if TYPE_CHECKING:
     from twisted.web.iweb import IResponse
@@ -26,14 +27,9 @@ if TYPE_CHECKING:
     from yugongd.pool import UpstreamKey
 
 
-def _int_header(response: IResponse, name: bytes) -> int | None:
+def _first(response: IResponse, name: bytes) -> bytes | None:
     values = response.headers.getRawHeaders(name)
-    if not values:
-        return None
-    try:
-        return int(values[0])
-    except ValueError:
-        return None
+    return values[0] if values else None
 
 
 class BalancerPlugin:
@@ -62,20 +58,18 @@ class BalancerPlugin:
         return self._least_loaded(candidates)
 
     def _least_loaded(self, candidates: list[UpstreamKey]) -> UpstreamKey:
+        """Fewest in flight per unit of weight, scaled by how much of its organisation's
+        budget is left; ties go to the next key in rotation."""
         self._turn += 1
+        now = self.gateway.clock.seconds()
         n = len(candidates)
-        best = None
-        best_score: tuple[float, float] = (0.0, 0.0)
+        best = candidates[0]
+        best_score = float("inf")
         for i in range(n):
             key = candidates[(self._turn + i) % n]
-            load = (key.inflight + 1) / key.weight
-            remaining = key.remaining_requests
-            limit = key.rpm
-            headroom = -(remaining / limit) if remaining is not None and limit else 0.0
-            score = (load, headroom)
-            if best is None or score < best_score:
+            score = (key.inflight + 1) / key.weight / max(0.05, key.budget.headroom(now))
+            if score < best_score:
                 best, best_score = key, score
-        assert best is not None
         return best
 
     def _smooth_weighted(self, candidates: list[UpstreamKey]) -> UpstreamKey:
@@ -94,11 +88,23 @@ class BalancerPlugin:
 
     @hookimpl(trylast=True)
     def yugongd_upstream_response(self, call: Call, key: UpstreamKey, response: IResponse) -> None:
-        remaining = _int_header(response, b"x-ratelimit-remaining-requests")
+        """Learn the organisation's remaining requests and tokens from the headers."""
+        now = self.gateway.clock.seconds()
+        remaining = parse_int(_first(response, b"x-ratelimit-remaining-requests"))
         if remaining is not None:
-            key.remaining_requests = remaining
-        tokens = _int_header(response, b"x-ratelimit-remaining-tokens")
-        if tokens is not None:
-            key.remaining_tokens = tokens
+            key.budget.requests.sync(
+                parse_int(_first(response, b"x-ratelimit-limit-requests")),
+                remaining,
+                parse_duration(_first(response, b"x-ratelimit-reset-requests")),
+                now,
+            )
+        remaining = parse_int(_first(response, b"x-ratelimit-remaining-tokens"))
+        if remaining is not None:
+            key.budget.tokens.sync(
+                parse_int(_first(response, b"x-ratelimit-limit-tokens")),
+                remaining,
+                parse_duration(_first(response, b"x-ratelimit-reset-tokens")),
+                now,
+            )
         if response.code < 400:
             key.strikes = 0

@@ -95,7 +95,13 @@ class GatewaySite(server.Site):
     displayTracebacks = False
 
     def __init__(self, gateway: Gateway, timeout: float = 60.0) -> None:
-        super().__init__(GatewayResource(gateway), timeout=timeout)
+        # multipart uploads (audio) are forwarded as they are, never parsed into args
+        super().__init__(
+            GatewayResource(gateway),
+            timeout=timeout,
+            reactor=gateway.reactor,
+            parsePOSTFormSubmission=False,
+        )
         self.gateway = gateway
 
     @property

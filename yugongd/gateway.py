@@ -74,9 +74,11 @@ class Gateway:
         self.pm = pm if pm is not None else make_plugin_manager(config, self)
         from yugongd.admin import AdminAPI
         from yugongd.billing import BillingAPI
+        from yugongd.metrics import Metrics
 
         self.admin = AdminAPI(self)
         self.billing = BillingAPI(self)
+        self.metrics = Metrics(self)
         self.started = False
         self.prober: task.LoopingCall | None = None
 

@@ -30,6 +30,11 @@ class Account:
     :param credit_usd: spend limit in USD, ``None`` for unlimited.
     :param expires: the moment the account stops working, ``None`` for never.
     :param ip_allow: networks clients must come from; empty for any.
+    :param enabled: a disabled account is refused like an unknown key.
+    :param source: ``"config"`` (the config file), ``"api"`` (the admin API) or
+        ``"anonymous"`` (single-user mode).
+    :param config_hash: for a config account, a digest of the config entry it was made
+        from; a runtime change (admin ``PATCH``) is kept while the entry is unchanged.
     """
 
     id: str
@@ -43,6 +48,7 @@ class Account:
     ip_allow: tuple[IPNetwork, ...] = ()
     enabled: bool = True
     source: Literal["config", "api", "anonymous"] = "config"
+    config_hash: str = ""
 
 
 @frozen
@@ -123,6 +129,10 @@ class Outcome:
     client_gone: bool = False
     #: what the request consumed, when it reached an upstream
     usage: Usage | None = None
+    #: seconds spent in upstream attempts (sent to response end), for "added latency"
+    upstream_latency: float = 0.0
+    #: seconds from sending the first answered attempt to its response headers
+    upstream_first_byte: float | None = None
 
 
 @define(slots=True)

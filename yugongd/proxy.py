@@ -316,6 +316,10 @@ class ProxiedRequest:
         #: tokens taken from the current attempt's key budget, settled at the end
         self.taken_tokens = 0
         self.queued = False
+        #: when the current attempt was sent, and the time spent in upstream attempts
+        self.attempt_started = 0.0
+        self.upstream_time = 0.0
+        self.upstream_first_byte: float | None = None
         self.queue_deadline = call.started + gateway.config.pool.queue_timeout
         request.notifyFinish().addErrback(self._client_lost)
 
@@ -358,7 +362,9 @@ class ProxiedRequest:
         key.inflight += 1
         key.requests += 1
         self.taken_tokens = call.expected_tokens
-        key.budget.take(self.taken_tokens, gw.clock.seconds())
+        now = gw.clock.seconds()
+        key.budget.take(self.taken_tokens, now)
+        self.attempt_started = now
         headers = Headers(self.headers)
         headers.setRawHeaders(b"authorization", [key.auth_header])
         if key.org_header is not None:
@@ -388,6 +394,7 @@ class ProxiedRequest:
 
     def _on_attempt_error(self, reason: Failure, key: UpstreamKey) -> None:
         self.pending = None
+        self.upstream_time += self.gateway.clock.seconds() - self.attempt_started
         self._cancel_first_byte_timer()
         key.inflight -= 1
         # the upstream never counted this attempt: give its budget back
@@ -414,6 +421,8 @@ class ProxiedRequest:
 
     def _on_response(self, response: IResponse) -> None:
         self.pending = None
+        if self.upstream_first_byte is None:
+            self.upstream_first_byte = self.gateway.clock.seconds() - self.attempt_started
         self._cancel_first_byte_timer()
         key = self.key
         assert key is not None
@@ -434,6 +443,7 @@ class ProxiedRequest:
 
     def _on_error_body(self, body: bytes, key: UpstreamKey, response: IResponse) -> None:
         key.inflight -= 1
+        self.upstream_time += self.gateway.clock.seconds() - self.attempt_started
         key.budget.tokens.give_back(self.taken_tokens, self.gateway.clock.seconds())
         self.taken_tokens = 0
         if self.client_gone:
@@ -615,6 +625,7 @@ class ProxiedRequest:
         self.request.write(data)
 
     def _body_done(self, reason: Failure) -> None:
+        self.upstream_time += self.gateway.clock.seconds() - self.attempt_started
         if self.idle_timer is not None:
             if self.idle_timer.active():
                 self.idle_timer.cancel()
@@ -739,6 +750,8 @@ class ProxiedRequest:
             key_id=self.key.id if self.key else None,
             latency=now - call.started,
             first_byte_latency=(self.first_byte_at - call.started) if self.first_byte_at else None,
+            upstream_latency=self.upstream_time,
+            upstream_first_byte=self.upstream_first_byte,
             bytes_out=self.bytes_out,
             client_gone=self.client_gone,
             usage=usage,

@@ -169,7 +169,9 @@ class GatewayResource(resource.Resource):
             return self.gateway.billing.render(request, path)
         if path == b"/healthz":
             return self.gateway.healthz(request)
-        if path.startswith(b"/admin/") or path == b"/admin" or path == b"/metrics":
+        if path == b"/metrics":
+            return self.gateway.metrics.render(request)
+        if path.startswith(b"/admin/") or path == b"/admin":
             return self.gateway.admin.render(request)
         write_error(
             request,

@@ -128,6 +128,9 @@ class Canned:
 
 
 CANNED = Canned()
+NOT_FOUND = (
+    b'{"error":{"message":"not found","type":"invalid_request_error","param":null,"code":null}}'
+)
 DONE = _chunked(b"data: [DONE]\n\n") + b"0\r\n\r\n"
 
 
@@ -301,7 +304,7 @@ class HTTPProtocol(asyncio.Protocol):
             else:
                 self._send(b"200 OK", b"application/json", canned[0], req.close)
         else:
-            body = b'{"error":{"message":"not found","type":"invalid_request_error","param":null,"code":null}}'
+            body = NOT_FOUND
             self._send(b"404 Not Found", b"application/json", body, req.close)
 
     @staticmethod

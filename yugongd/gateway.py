@@ -16,7 +16,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import client, server
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import IAgentEndpointFactory, IResponse
+from zope.interface import implementer
 
 from yugongd.accounts import AccountStore
 from yugongd.errors import write_json
@@ -28,7 +29,7 @@ from yugongd.state import StateStore, StoredKey
 from yugongd.usage import PriceTable
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IReactorTime
+    from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 
     from yugongd.config import Config
     from yugongd.proxy import ProxiedRequest
@@ -37,6 +38,25 @@ log = Logger()
 
 #: how often (seconds, at most) disabled keys are looked at for a due probe
 PROBE_TICK = 5.0
+
+
+@implementer(IAgentEndpointFactory)
+class _CachedEndpoints:
+    """Twisted's standard endpoints (TCP, TLS for https), made once per host and port
+    instead of once per request: making one IDNA-encodes the host name every time."""
+
+    def __init__(self, reactor: Any, connect_timeout: float) -> None:
+        self._factory = client._StandardEndpointFactory(
+            reactor, client.BrowserLikePolicyForHTTPS(), connect_timeout, None
+        )
+        self._cache: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+
+    def endpointForURI(self, uri: client.URI) -> IStreamClientEndpoint:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._cache.get(key)
+        if endpoint is None:
+            endpoint = self._cache[key] = self._factory.endpointForURI(uri)
+        return endpoint
 
 
 class _QuietClientFactory(client._HTTP11ClientFactory):
@@ -226,8 +246,10 @@ class Gateway:
         """One Agent per upstream (its connect timeout), all on the shared connection pool."""
         entry = self._agents.get(upstream.name)
         if entry is None or entry[0] is not upstream:
-            agent = client.Agent(
-                self.reactor, connectTimeout=upstream.timeouts.connect, pool=self.http_pool
+            agent = client.Agent.usingEndpointFactory(
+                self.reactor,
+                _CachedEndpoints(self.reactor, upstream.timeouts.connect),
+                pool=self.http_pool,
             )
             entry = (upstream, agent)
             self._agents[upstream.name] = entry

@@ -25,18 +25,20 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from yugongd.model import Account
-from yugongd.state import AccountTotals, LedgerRow, Snapshot, StoredKey
+from yugongd.state import AccountTotals, LedgerRow, Snapshot, StoredKey, UsageLine
 
 log = Logger()
 
-SCHEMA_VERSION = 1
+#: 1: the first schema; 2: ``accounts.config_hash`` (runtime overrides of config accounts)
+SCHEMA_VERSION = 2
 
 _SCHEMA = [
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     """CREATE TABLE IF NOT EXISTS accounts (
         id TEXT PRIMARY KEY, name TEXT NOT NULL, key_hash TEXT NOT NULL, models TEXT NOT NULL,
         rpm INTEGER NOT NULL, tpm INTEGER NOT NULL, credit_usd REAL, expires TEXT,
-        ip_allow TEXT NOT NULL, enabled INTEGER NOT NULL, source TEXT NOT NULL)""",
+        ip_allow TEXT NOT NULL, enabled INTEGER NOT NULL, source TEXT NOT NULL,
+        config_hash TEXT NOT NULL DEFAULT '')""",
     """CREATE TABLE IF NOT EXISTS keys (
         id TEXT PRIMARY KEY, upstream TEXT NOT NULL, key TEXT NOT NULL, organization TEXT,
         weight REAL NOT NULL, rpm INTEGER, tpm INTEGER, models TEXT NOT NULL)""",
@@ -52,6 +54,16 @@ _SCHEMA = [
         account_id TEXT PRIMARY KEY, requests INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL,
         completion_tokens INTEGER NOT NULL, cost_usd REAL NOT NULL)""",
 ]
+
+#: migrations from version N-1 to N, run in order on an older database
+_MIGRATIONS: dict[int, list[str]] = {
+    2: ["ALTER TABLE accounts ADD COLUMN config_hash TEXT NOT NULL DEFAULT ''"],
+}
+
+_ACCOUNT_COLUMNS = (
+    "id, name, key_hash, models, rpm, tpm, credit_usd, expires, ip_allow, enabled, source, "
+    "config_hash"
+)
 
 _ROW_COLUMNS = (
     "time, request_id, account_id, model, key_id, status, prompt_tokens, completion_tokens, "
@@ -72,6 +84,7 @@ def _account_row(a: Account) -> tuple[Any, ...]:
         json.dumps([str(n) for n in a.ip_allow]),
         int(a.enabled),
         a.source,
+        a.config_hash,
     )
 
 
@@ -88,6 +101,7 @@ def _account_from_row(r: tuple[Any, ...]) -> Account:
         ip_allow=tuple(ipaddress.ip_network(n, strict=False) for n in json.loads(r[8])),
         enabled=bool(r[9]),
         source=r[10],
+        config_hash=r[11] or "",
     )
 
 
@@ -129,22 +143,35 @@ class SQLiteState:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("BEGIN")
-        for statement in _SCHEMA:
-            conn.execute(statement)
+        conn.execute(_SCHEMA[0])
         row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if row is None:
+            for statement in _SCHEMA:
+                conn.execute(statement)
             conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
-        elif int(row[0]) > SCHEMA_VERSION:
-            conn.execute("ROLLBACK")
-            raise sqlite3.DatabaseError(
-                f"schema version {row[0]} is newer than this yugongd understands ({SCHEMA_VERSION})"
+        else:
+            version = int(row[0])
+            if version > SCHEMA_VERSION:
+                conn.execute("ROLLBACK")
+                raise sqlite3.DatabaseError(
+                    f"schema version {version} is newer than this yugongd understands "
+                    f"({SCHEMA_VERSION})"
+                )
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS.get(step, []):
+                    conn.execute(statement)
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            conn.execute(
+                "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),)
             )
         conn.execute("COMMIT")
         self._conn = conn
         accounts = tuple(
-            _account_from_row(r) for r in conn.execute("SELECT * FROM accounts ORDER BY rowid")
+            _account_from_row(r)
+            for r in conn.execute(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts ORDER BY rowid")
         )
         keys = tuple(
             StoredKey(
@@ -253,7 +280,8 @@ class SQLiteState:
                     rows = []
                 if kind == "account":
                     conn.execute(
-                        "INSERT OR REPLACE INTO accounts VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                        f"INSERT OR REPLACE INTO accounts ({_ACCOUNT_COLUMNS}) "
+                        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                         _account_row(item),
                     )
                 elif kind == "delete_account":
@@ -316,21 +344,8 @@ class SQLiteState:
         self, account_id: str | None, since: float | None, until: float | None
     ) -> list[LedgerRow]:
         assert self._conn is not None
-        where = []
-        args: list[Any] = []
-        if account_id is not None:
-            where.append("account_id = ?")
-            args.append(account_id)
-        if since is not None:
-            where.append("time >= ?")
-            args.append(since)
-        if until is not None:
-            where.append("time < ?")
-            args.append(until)
-        sql = f"SELECT {_ROW_COLUMNS} FROM ledger"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY id"
+        where, args = _where(account_id, since, until)
+        sql = f"SELECT {_ROW_COLUMNS} FROM ledger{where} ORDER BY id"
         return [
             LedgerRow(
                 time=r[0],
@@ -350,6 +365,34 @@ class SQLiteState:
             for r in self._conn.execute(sql, args)
         ]
 
+    def summarize(
+        self, account_id: str | None, since: float | None, until: float | None, by_day: bool
+    ) -> defer.Deferred[list[UsageLine]]:
+        """Ledger totals grouped in SQL, by the writer thread (after what is queued)."""
+
+        def read(_: object) -> defer.Deferred[list[UsageLine]]:
+            return deferToThreadPool(
+                self.reactor, self._threads, self._summarize, account_id, since, until, by_day
+            )
+
+        return self.flush().addCallback(read)
+
+    def _summarize(
+        self, account_id: str | None, since: float | None, until: float | None, by_day: bool
+    ) -> list[UsageLine]:
+        assert self._conn is not None
+        where, args = _where(account_id, since, until)
+        day = "CAST(time / 86400 AS INTEGER) * 86400" if by_day else "NULL"
+        sql = (
+            f"SELECT account_id, model, {day} AS day, COUNT(*), SUM(prompt_tokens), "
+            "SUM(completion_tokens), SUM(cost_usd), SUM(estimated) FROM ledger"
+            f"{where} GROUP BY account_id, model, day ORDER BY day, account_id, model"
+        )
+        return [
+            UsageLine(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7])
+            for r in self._conn.execute(sql, args)
+        ]
+
     # -- closing ---------------------------------------------------------------------------
 
     @defer.inlineCallbacks
@@ -362,3 +405,20 @@ class SQLiteState:
         self._threads.stop()
         self._conn.close()
         self._conn = None
+
+
+def _where(
+    account_id: str | None, since: float | None, until: float | None
+) -> tuple[str, list[Any]]:
+    where = []
+    args: list[Any] = []
+    if account_id is not None:
+        where.append("account_id = ?")
+        args.append(account_id)
+    if since is not None:
+        where.append("time >= ?")
+        args.append(since)
+    if until is not None:
+        where.append("time < ?")
+        args.append(until)
+    return (" WHERE " + " AND ".join(where) if where else ""), args

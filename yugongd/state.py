@@ -68,6 +68,23 @@ class AccountTotals:
 
 
 @frozen
+class UsageLine:
+    """Totals of one account and model (and day, when asked by day) over a period.
+
+    :param day: unix time of the UTC day's start, or ``None`` when not grouped by day.
+    """
+
+    account_id: str
+    model: str | None
+    day: int | None
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    estimated: int
+
+
+@frozen
 class Snapshot:
     """What a store hands back when it opens."""
 
@@ -98,6 +115,12 @@ class StateStore(Protocol):
     def query(
         self, account_id: str | None, since: float | None, until: float | None
     ) -> Deferred[list[LedgerRow]]: ...
+
+    def summarize(
+        self, account_id: str | None, since: float | None, until: float | None, by_day: bool
+    ) -> Deferred[list[UsageLine]]:
+        """Ledger totals per account and model (and UTC day when ``by_day``)."""
+        ...
 
     def pending(self) -> int:
         """Rows appended but not yet durable."""
@@ -142,6 +165,11 @@ class MemoryState:
     ) -> Deferred[list[LedgerRow]]:
         return succeed(list(_select(self.rows, account_id, since, until)))
 
+    def summarize(
+        self, account_id: str | None, since: float | None, until: float | None, by_day: bool
+    ) -> Deferred[list[UsageLine]]:
+        return succeed(summarize_rows(_select(self.rows, account_id, since, until), by_day))
+
     def pending(self) -> int:
         return 0
 
@@ -163,3 +191,24 @@ def _select(
         if until is not None and row.time >= until:
             continue
         yield row
+
+
+def summarize_rows(rows: Iterable[LedgerRow], by_day: bool) -> list[UsageLine]:
+    """Totals per account, model (and UTC day), sorted by day, account and model."""
+    groups: dict[tuple[str, str | None, int | None], list[float]] = {}
+    for row in rows:
+        day = int(row.time // 86400 * 86400) if by_day else None
+        t = groups.get((row.account_id, row.model, day))
+        if t is None:
+            t = groups[(row.account_id, row.model, day)] = [0, 0, 0, 0.0, 0]
+        t[0] += 1
+        t[1] += row.prompt_tokens
+        t[2] += row.completion_tokens
+        t[3] += row.cost_usd
+        t[4] += int(row.estimated)
+    lines = [
+        UsageLine(a, m, d, int(t[0]), int(t[1]), int(t[2]), t[3], int(t[4]))
+        for (a, m, d), t in groups.items()
+    ]
+    lines.sort(key=lambda u: (u.day or 0, u.account_id, u.model or ""))
+    return lines

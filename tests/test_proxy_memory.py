@@ -313,3 +313,25 @@ def test_sse_error_event_when_the_upstream_breaks_off_mid_stream():
     assert json.loads(events[-1][len(b"data: ") :])["error"]["code"] == "upstream_unavailable"
     row = gw.state.rows[-1]
     assert row.estimated and row.status == 200
+
+
+def test_a_plugin_that_raises_does_not_lose_the_ledger_row():
+    from yugongd import hookimpl
+
+    class Broken:
+        @hookimpl
+        def yugongd_request_finished(self, call, outcome):
+            raise RuntimeError("plugin bug")
+
+        @hookimpl
+        def yugongd_usage(self, call, key, usage):
+            raise RuntimeError("plugin bug")
+
+    gw, clock, agent = make_gateway(keys=1)
+    gw.pm.register(Broken(), name="broken")
+    c = Client(gw)
+    c.post("/v1/chat/completions", CHAT)
+    respond(agent.calls[0][4], 200, OK)
+    assert c.response()[0] == 200
+    assert [(r.status, r.prompt_tokens, r.completion_tokens) for r in gw.state.rows] == [(200, 3, 4)]
+    assert not gw.inflight

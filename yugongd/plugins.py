@@ -70,3 +70,29 @@ def make_plugin_manager(config: Config, gateway: Gateway) -> pluggy.PluginManage
     names = [name for name, _ in pm.list_name_plugin()]
     log.info("plugins: {names}", names=", ".join(str(n) for n in names))
     return pm
+
+
+def notify(hook: pluggy.HookCaller, **kwargs: object) -> None:
+    """Call every implementation of a plain (not ``firstresult``) hook, in pluggy's order.
+
+    Unlike ``pm.hook.name(...)``, one implementation that raises does not stop the
+    others: the error is logged and the next one runs. The hooks that settle a request
+    (usage, request finished) go through here, so that a faulty third-party plugin cannot
+    keep the ledger row from being written or a credit reservation from being released.
+    """
+    impls = hook.get_hookimpls()
+    if any(impl.hookwrapper or impl.wrapper for impl in impls):
+        try:
+            hook(**kwargs)
+        except Exception:
+            log.failure("hook {hook} raised", hook=hook.name)
+        return
+    for impl in reversed(impls):
+        try:
+            impl.function(*[kwargs[name] for name in impl.argnames])
+        except Exception:
+            log.failure(
+                "plugin {plugin} raised in {hook}; the other plugins still ran",
+                plugin=impl.plugin_name,
+                hook=hook.name,
+            )

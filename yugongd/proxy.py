@@ -30,6 +30,7 @@ from zope.interface import implementer
 
 from yugongd.errors import error_body, sse_error_event, write_error
 from yugongd.model import AttemptFailure, Call, FailureDecision, Outcome
+from yugongd.plugins import notify
 from yugongd.ratelimit import parse_duration, parse_int, parse_retry_after
 from yugongd.usage import SSEUsageScanner, make_usage, usage_from_json
 
@@ -432,7 +433,12 @@ class ProxiedRequest:
             key.inflight -= 1
             self._complete()
             return
-        self.gateway.pm.hook.yugongd_upstream_response(call=self.call, key=key, response=response)
+        notify(
+            self.gateway.pm.hook.yugongd_upstream_response,
+            call=self.call,
+            key=key,
+            response=response,
+        )
         if response.code in FAILURE_STATUSES:
             collector = _Collect(ERROR_BODY_LIMIT)
             response.deliverBody(collector)
@@ -742,7 +748,7 @@ class ProxiedRequest:
                 # settle the admission estimate with what the request really used
                 self.key.budget.tokens.give_back(self.taken_tokens - usage.total_tokens, now)
                 self.taken_tokens = 0
-            gw.pm.hook.yugongd_usage(call=call, key=self.key, usage=usage)
+            notify(gw.pm.hook.yugongd_usage, call=call, key=self.key, usage=usage)
         outcome = Outcome(
             status=self.status or (499 if self.client_gone else 0),
             code=self.code,
@@ -756,7 +762,7 @@ class ProxiedRequest:
             client_gone=self.client_gone,
             usage=usage,
         )
-        gw.pm.hook.yugongd_request_finished(call=call, outcome=outcome)
+        notify(gw.pm.hook.yugongd_request_finished, call=call, outcome=outcome)
 
 
 class PoolQueue:

@@ -21,6 +21,7 @@ from twisted.web import resource, server
 
 from yugongd.errors import write_error
 from yugongd.model import Call, Denial, Outcome
+from yugongd.plugins import notify
 from yugongd.pool import models_match
 from yugongd.proxy import REQUEST_DROP, BadRequest, ProxiedRequest, expected_tokens, inspect_body
 
@@ -234,7 +235,7 @@ def reject(gateway: Gateway, call: Call, denial: Denial) -> None:
         code=denial.code,
         latency=gateway.clock.seconds() - call.started,
     )
-    gateway.pm.hook.yugongd_request_finished(call=call, outcome=outcome)
+    notify(gateway.pm.hook.yugongd_request_finished, call=call, outcome=outcome)
 
 
 def handle_v1(gateway: Gateway, request: server.Request) -> None:

@@ -333,5 +333,36 @@ def test_a_plugin_that_raises_does_not_lose_the_ledger_row():
     c.post("/v1/chat/completions", CHAT)
     respond(agent.calls[0][4], 200, OK)
     assert c.response()[0] == 200
-    assert [(r.status, r.prompt_tokens, r.completion_tokens) for r in gw.state.rows] == [(200, 3, 4)]
+    assert [(r.status, r.prompt_tokens, r.completion_tokens) for r in gw.state.rows] == [
+        (200, 3, 4)
+    ]
     assert not gw.inflight
+
+
+def test_a_plugin_raising_in_authentication_or_key_choice_gets_a_500_envelope():
+    from yugongd import hookimpl
+
+    class Broken:
+        @hookimpl
+        def yugongd_select_key(self, call, candidates):
+            raise RuntimeError("plugin bug")
+
+    gw, clock, agent = make_gateway(keys=1)
+    gw.pm.register(Broken(), name="broken")
+    c = Client(gw)
+    c.post("/v1/chat/completions", CHAT)
+    status, _, body = c.response()
+    assert status == 500 and json.loads(body)["error"]["code"] == "internal_error"
+    assert not gw.inflight and gw.state.rows[-1].status == 500
+
+    class BrokenAuth:
+        @hookimpl
+        def yugongd_authenticate(self, request, token):
+            raise RuntimeError("plugin bug")
+
+    gw.pm.unregister(name="broken")
+    gw.pm.register(BrokenAuth(), name="broken-auth")
+    c = Client(gw)
+    c.post("/v1/chat/completions", CHAT)
+    status, _, body = c.response()
+    assert status == 500 and json.loads(body)["error"]["code"] == "internal_error"

@@ -344,6 +344,13 @@ class ProxiedRequest:
         return self.gateway.pool.soonest_free(call.model, call.tried, call.expected_tokens)
 
     def _attempt(self) -> None:
+        try:
+            self._next_attempt()
+        except Exception:
+            # a plugin (key selection, failure decision) raised: answer, account, move on
+            self._internal_error(Failure())
+
+    def _next_attempt(self) -> None:
         gw = self.gateway
         call = self.call
         self.queued = False

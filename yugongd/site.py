@@ -164,7 +164,12 @@ class GatewayResource(resource.Resource):
         if path.startswith(b"/v1/"):
             if path.startswith(b"/v1/dashboard/billing/"):
                 return self.gateway.billing.render(request, path[3:])
-            handle_v1(self.gateway, request)
+            try:
+                handle_v1(self.gateway, request)
+            except Exception:
+                log.failure("internal error in {path}", path=path[:200])
+                if not request.startedWriting and not getattr(request, "_disconnected", False):
+                    write_error(request, 500, "internal_error", "yugongd hit an internal error.")
             return server.NOT_DONE_YET
         if path.startswith(b"/dashboard/billing/"):
             return self.gateway.billing.render(request, path)

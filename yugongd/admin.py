@@ -23,6 +23,7 @@ from yugongd.errors import error_body, write_json
 from yugongd.model import Account
 from yugongd.pool import UpstreamKey
 from yugongd.site import read_body
+from yugongd.state import StoredKey
 
 if TYPE_CHECKING:
     from yugongd.gateway import Gateway
@@ -176,7 +177,6 @@ class AdminAPI:
 
     def add_key(self, request: server.Request) -> tuple[int, Any]:
         from yugongd.config import KeyConfig
-        from yugongd.state import StoredKey
 
         doc = _json_body(request)
         pool = self.gateway.pool
@@ -254,7 +254,21 @@ class AdminAPI:
             key.tpm = _opt_int(doc, "tpm")
         if "models" in doc:
             key.models = _models(doc)
+        if {"rpm", "tpm", "models"} & set(doc):
             self.gateway.pool.keys_changed()
+        if key.source == "api":
+            self.gateway.state.save_key(
+                StoredKey(
+                    upstream=key.upstream,
+                    id=key.id,
+                    key=key.secret,
+                    organization=key.organization,
+                    weight=key.weight,
+                    rpm=key.rpm,
+                    tpm=key.tpm,
+                    models=key.models,
+                )
+            )
         return 200, key_object(key)
 
     def delete_key(self, request: server.Request, key_id: str) -> tuple[int, Any]:

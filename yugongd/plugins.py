@@ -67,7 +67,7 @@ def make_plugin_manager(config: Config, gateway: Gateway) -> pluggy.PluginManage
                 continue
             pm.register(load_plugin_file(path), name=path.stem)
     pm.check_pending()
-    names = [name for name, _ in pm.list_name_plugin()]
+    names = [name for name, plugin in pm.list_name_plugin() if plugin is not None]
     log.info("plugins: {names}", names=", ".join(str(n) for n in names))
     return pm
 

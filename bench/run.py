@@ -200,6 +200,14 @@ def post_json(url: str, body: bytes, key: str | None) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
+def pinning(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """``taskset`` prefixes (load generators, proxy) from ``--load-cpus``/``--proxy-cpus``;
+    both empty with ``--no-pin``, one CPU, or no ``taskset``."""
+    if not args.no_pin and shutil.which("taskset") and (os.cpu_count() or 1) >= 2:
+        return ["taskset", "-c", args.load_cpus], ["taskset", "-c", args.proxy_cpus]
+    return [], []
+
+
 # --- load generators -------------------------------------------------------------------------
 
 
@@ -216,13 +224,8 @@ class Runner:
         self.args = args
         self.procs = procs
         self.workdir = workdir
-        self.load_prefix: list[str] = []
-        self.proxy_prefix: list[str] = []
-        self.pinned = False
-        if not args.no_pin and shutil.which("taskset") and (os.cpu_count() or 1) >= 2:
-            self.load_prefix = ["taskset", "-c", args.load_cpus]
-            self.proxy_prefix = ["taskset", "-c", args.proxy_cpus]
-            self.pinned = True
+        self.load_prefix, self.proxy_prefix = pinning(args)
+        self.pinned = bool(self.load_prefix)
         self.raw: list[dict[str, Any]] = []  # every measurement, for the results file
 
     def run(self, argv: list[str], timeout: float, env: dict[str, str] | None = None) -> str:
@@ -380,15 +383,17 @@ def stream_rows(tag: str, d: dict[str, Any], y: dict[str, Any]) -> list[Row]:
 # --- machine information ---------------------------------------------------------------------
 
 
-def machine_info(runner: Runner) -> list[tuple[str, str]]:
-    def cmd(argv: list[str]) -> str:
-        try:
-            return subprocess.run(
-                argv, cwd=ROOT, capture_output=True, text=True, timeout=10
-            ).stdout.strip()
-        except (OSError, subprocess.TimeoutExpired):
-            return "?"
+def _cmd(argv: list[str]) -> str:
+    try:
+        return subprocess.run(
+            argv, cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
 
+
+def machine_basics(command: list[str]) -> list[tuple[str, str]]:
+    """Date, command, git revision, CPU, kernel, Python and Twisted versions."""
     cpu = "?"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         for line in f:
@@ -401,19 +406,25 @@ def machine_info(runner: Runner) -> list[tuple[str, str]]:
         tw = twisted.__version__
     except ImportError:
         tw = "?"
-    rev = cmd(["git", "rev-parse", "--short", "HEAD"])
-    if cmd(["git", "status", "--porcelain", "--untracked-files=no"]):
+    rev = _cmd(["git", "rev-parse", "--short", "HEAD"])
+    if _cmd(["git", "status", "--porcelain", "--untracked-files=no"]):
         rev += " (with uncommitted changes)"
-    wrk_v = cmd(["wrk", "-v"]).splitlines()
-    a = runner.args
     return [
         ("date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")),
-        ("command", shlex.join(["python", "bench/run.py", *a.argv])),
+        ("command", shlex.join(["python", *command])),
         ("git", rev),
         ("CPU", f"{cpu}, nproc {os.cpu_count()}"),
         ("kernel", platform.release()),
         ("Python", platform.python_version()),
         ("Twisted", tw),
+    ]
+
+
+def machine_info(runner: Runner) -> list[tuple[str, str]]:
+    wrk_v = _cmd(["wrk", "-v"]).splitlines()
+    a = runner.args
+    return [
+        *machine_basics(["bench/run.py", *a.argv]),
         ("wrk", wrk_v[0] if wrk_v else "?"),
         (
             "pinning",

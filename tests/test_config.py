@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from yugongd.config import (
+    AccessLogConfig,
     AccountConfig,
     AdminConfig,
     Config,
@@ -88,6 +89,9 @@ accounts:
 plugins:
   dirs: ["plugins", "/opt/yugongd/plugins"]
   disable: ["max_tokens_cap"]
+access_log:
+  enabled: false
+  format: json
 """
 
 ENV = {"ADMIN_TOKEN": "s3cret", "KEY_1": "sk-one", "KEY_2": "two"}
@@ -199,6 +203,7 @@ def test_full_example(tmp_path: Path) -> None:
         plugins=PluginsConfig(
             dirs=("plugins", "/opt/yugongd/plugins"), disable=("max_tokens_cap",)
         ),
+        access_log=AccessLogConfig(enabled=False, format="json"),
         notes=(),
     )
 
@@ -239,6 +244,7 @@ def test_minimal_file_takes_every_default(tmp_path: Path) -> None:
         prices={},
         accounts=(),
         plugins=PluginsConfig(dirs=(), disable=()),
+        access_log=AccessLogConfig(enabled=True, format="text"),
         notes=(
             f"no upstream keys in {path}: requests will get 503 until keys are added "
             "through the admin API",
@@ -258,6 +264,7 @@ def test_section_defaults() -> None:
             prices={},
             accounts=[],
             plugins={"dirs": None},
+            access_log={},
         )
     )
     assert config == parse(MINIMAL)
@@ -412,6 +419,7 @@ def test_example_file_shows_every_key() -> None:
     assert set(data["accounts"][0]) == set(module._ACCOUNT_KEYS)
     assert set().union(*data["prices"].values()) == {"input", "output", "request"}
     assert set(data["plugins"]) == {"dirs", "disable"}
+    assert set(data["access_log"]) == {"enabled", "format"}
 
 
 # --- embedded defaults --------------------------------------------------------------------------
@@ -661,6 +669,22 @@ def test_error_carries_its_parts(tmp_path: Path) -> None:
         (with_upstream(accounts=[{"key": "k"}]), "y.yaml: accounts[0].name: is required"),
         (with_upstream(accounts=[{"name": "a"}]), "y.yaml: accounts[0].key: is required"),
         (with_upstream(admin={"token": ""}), "y.yaml: admin.token: must not be empty"),
+        (
+            with_upstream(access_log={"format": "xml"}),
+            "y.yaml: access_log.format: unknown format 'xml'; expected one of text, json",
+        ),
+        (
+            with_upstream(access_log={"enabled": "yes"}),
+            "y.yaml: access_log.enabled: expected true or false, got 'yes'",
+        ),
+        (
+            with_upstream(access_log={"path": "/var/log/x"}),
+            "y.yaml: access_log: unknown key 'path'",
+        ),
+        (
+            with_upstream(access_log="json"),
+            "y.yaml: access_log: expected a mapping, got 'json'",
+        ),
         # numbers out of range
         (
             with_upstream(shutdown_grace=-1),

@@ -29,6 +29,8 @@ import yaml
 from attrs import field, frozen
 
 __all__ = [
+    "ACCESS_LOG_FORMATS",
+    "AccessLogConfig",
     "AccountConfig",
     "AdminConfig",
     "Config",
@@ -48,6 +50,7 @@ __all__ = [
 ]
 
 STRATEGIES = ("least-loaded", "round-robin", "weighted", "random")
+ACCESS_LOG_FORMATS = ("text", "json")
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
 DEFAULT_STATE = "sqlite:yugongd.db"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -146,6 +149,14 @@ class LimitsConfig:
 
 
 @frozen
+class AccessLogConfig:
+    """One line per request through twisted.logger (see :mod:`yugongd.accesslog`)."""
+
+    enabled: bool = True
+    format: str = "text"
+
+
+@frozen
 class PluginsConfig:
     dirs: tuple[str, ...] = ()
     disable: tuple[str, ...] = ()
@@ -165,6 +176,7 @@ class Config:
     prices: Mapping[str, Price] = field(factory=dict)
     accounts: tuple[AccountConfig, ...] = ()
     plugins: PluginsConfig = PluginsConfig()
+    access_log: AccessLogConfig = AccessLogConfig()
     notes: tuple[str, ...] = ()
 
 
@@ -254,6 +266,8 @@ def parse_config(data: object, source: str, environ: Mapping[str, str] | None = 
             disable=r.str_list(s.get("disable"), s.path("disable"), ()),
         )
 
+    access_log = r.access_log(top.get("access_log"), "access_log")
+
     notes: list[str] = []
     if not any(u.keys for u in upstreams):
         notes.append(
@@ -274,6 +288,7 @@ def parse_config(data: object, source: str, environ: Mapping[str, str] | None = 
         prices=prices,
         accounts=accounts,
         plugins=plugins,
+        access_log=access_log,
         notes=tuple(notes),
     )
 
@@ -341,6 +356,7 @@ _TOP_KEYS = (
     "prices",
     "accounts",
     "plugins",
+    "access_log",
 )
 _UPSTREAM_KEYS = ("name", "base_url", "timeouts", "models", "keys")
 _KEY_KEYS = ("id", "key", "organization", "weight", "rpm", "tpm", "models")
@@ -679,6 +695,22 @@ class _Reader:
             rpm=self.opt_integer(s.get("rpm"), s.path("rpm"), minimum=0),
             tpm=self.opt_integer(s.get("tpm"), s.path("tpm"), minimum=0),
             models=self.models(s.get("models"), s.path("models")),
+        )
+
+    def access_log(self, value: object, path: str) -> AccessLogConfig:
+        if value is None:
+            return AccessLogConfig()
+        s = self.section(value, path, ("enabled", "format"))
+        fmt = "text"
+        if (raw := s.get("format")) is not None:
+            fmt = self.string(raw, s.path("format"))
+            if fmt not in ACCESS_LOG_FORMATS:
+                self.fail(
+                    s.path("format"),
+                    f"unknown format {fmt!r}; expected one of " + ", ".join(ACCESS_LOG_FORMATS),
+                )
+        return AccessLogConfig(
+            enabled=self.boolean(s.get("enabled"), s.path("enabled"), True), format=fmt
         )
 
     def pool(self, value: object, path: str) -> PoolConfig:

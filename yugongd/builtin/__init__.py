@@ -9,10 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from yugongd.builtin.accesslog import AccessLogPlugin
 from yugongd.builtin.accounting import AccountingPlugin
 from yugongd.builtin.accounts import AccountsPlugin
 from yugongd.builtin.balancer import BalancerPlugin
 from yugongd.builtin.failover import FailoverPlugin
+from yugongd.builtin.metrics import MetricsPlugin
 
 if TYPE_CHECKING:
     from yugongd.gateway import Gateway
@@ -22,4 +24,6 @@ DEFAULT_PLUGINS: tuple[tuple[str, Callable[[Gateway], object]], ...] = (
     ("pool", BalancerPlugin),
     ("failover", FailoverPlugin),
     ("accounting", AccountingPlugin),
+    ("metrics", MetricsPlugin),
+    ("accesslog", AccessLogPlugin),
 )

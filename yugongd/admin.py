@@ -104,21 +104,26 @@ class AdminAPI:
         expected = b"Bearer " + token.encode("utf-8")
         return hmac.compare_digest(raw[0], expected)
 
-    def render(self, request: server.Request) -> Any:
+    def refused(self, request: server.Request) -> bool:
+        """Answer 404 (no token configured) or 401 (wrong token) and say so; the admin
+        routes and ``/metrics`` share this gate."""
         ok = self.authorized(request)
         if ok is None:
             write_json(request, 404, error_body(404, "unknown_url", "Unknown request URL."))
-            return server.NOT_DONE_YET
+            return True
         if not ok:
             write_json(
                 request,
                 401,
                 error_body(401, "invalid_admin_token", "Missing or wrong admin token."),
             )
+            return True
+        return False
+
+    def render(self, request: server.Request) -> Any:
+        if self.refused(request):
             return server.NOT_DONE_YET
         path = request.path
-        if path == b"/metrics":
-            return self.not_found(request)
         parts = path[len(b"/admin/") :].strip(b"/").split(b"/")
         for method, pattern, handler in self.routes:
             pat = pattern.split(b"/")

@@ -340,16 +340,7 @@ class Metrics:
     # -- the resource ---------------------------------------------------------------------
 
     def render(self, request: server.Request) -> Any:
-        ok = self.gateway.admin.authorized(request)
-        if ok is None:
-            write_json(request, 404, error_body(404, "unknown_url", "Unknown request URL."))
-            return server.NOT_DONE_YET
-        if not ok:
-            write_json(
-                request,
-                401,
-                error_body(401, "invalid_admin_token", "Missing or wrong admin token."),
-            )
+        if self.gateway.admin.refused(request):
             return server.NOT_DONE_YET
         if request.method not in (b"GET", b"HEAD"):
             request.responseHeaders.setRawHeaders(b"allow", [b"GET, HEAD"])

@@ -8,9 +8,9 @@ import json
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from test_proxy_memory import Client as MemoryClient
 from test_proxy_memory import FakeAgent, respond
-from twisted.internet.address import IPv4Address
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 
 from yugongd.config import (
     AccountConfig,
@@ -26,7 +26,6 @@ from yugongd.config import (
 from yugongd.gateway import Gateway
 from yugongd.metrics import failure_reason
 from yugongd.model import AttemptFailure
-from yugongd.site import GatewaySite
 from yugongd.state import MemoryState
 
 ADMIN = "admin-s3cret"
@@ -61,17 +60,8 @@ def make_gateway(token: str | None = ADMIN, keys: int = 2):
     return gw, clock, agent
 
 
-class Client:
-    """One HTTP/1.1 connection to the gateway's Site, in memory."""
-
-    def __init__(self, gw: Gateway) -> None:
-        self.site = GatewaySite(gw)
-        self.proto = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
-        self.transport = StringTransport(
-            hostAddress=IPv4Address("TCP", "127.0.0.1", 8080),
-            peerAddress=IPv4Address("TCP", "127.0.0.1", 5555),
-        )
-        self.proto.makeConnection(self.transport)
+class Client(MemoryClient):
+    """One HTTP/1.1 connection to the gateway's Site, in memory, with any method."""
 
     def send(self, method: str, path: str, doc: dict | None = None, token: str | None = None):
         body = json.dumps(doc).encode() if doc is not None else b""
@@ -82,14 +72,6 @@ class Client:
             head += f"Authorization: Bearer {token}\r\n"
         self.proto.dataReceived(head.encode() + b"\r\n" + body)
         return self
-
-    def response(self) -> tuple[int, dict[str, str], bytes]:
-        raw = self.transport.value()
-        head, _, body = raw.partition(b"\r\n\r\n")
-        lines = head.decode().split("\r\n")
-        status = int(lines[0].split()[1])
-        headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
-        return status, headers, body
 
 
 def chat(model: str = "gpt-4o-mini") -> dict:

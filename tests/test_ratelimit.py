@@ -82,3 +82,27 @@ def test_request_larger_than_the_whole_allowance_waits_for_a_full_bucket():
     b.take(500, 0)
     assert b.wait_for(5000, 0) == pytest.approx(500 / (1000 / 60))
     assert b.wait_for(5000, 30) == 0.0
+
+
+def test_sync_counts_requests_sent_after_the_responding_one():
+    """Headers describe the bucket when the responding request was admitted upstream: the
+    requests the pool sent after it are not in ``remaining`` yet and must stay taken."""
+    b = Bucket(100)
+    b.take(1, 0.0)
+    mark = b.spent  # request A sent
+    for _ in range(9):  # B..J sent while A is upstream
+        b.take(1, 0.0)
+    # A's response: the upstream had 99 left after admitting A
+    b.sync(limit=100, remaining=99, reset=0.6, now=0.0, spent_at_send=mark)
+    assert b.level(0.0) == 90  # not 99: B..J are still to be counted
+    # without a mark (a plugin calling sync itself) the header's word is taken as is
+    b.sync(limit=100, remaining=99, reset=0.6, now=0.0)
+    assert b.level(0.0) == 99
+
+
+def test_give_back_is_not_counted_as_spent():
+    b = Bucket(10)
+    b.take(3, 0.0)
+    b.give_back(3, 0.0)
+    assert b.spent == 3
+    assert b.level(0.0) == 10

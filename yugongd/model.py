@@ -158,6 +158,9 @@ class Call:
     tried: set[str] = field(factory=set)
     #: expected tokens of this request (prompt estimate + max tokens), for admission
     expected_tokens: int = 0
+    #: the current attempt's budget counters (requests, tokens ``Bucket.spent``) right
+    #: after it was admitted: what the pool took after it is still in flight upstream
+    sent_marks: tuple[float, float] | None = None
     #: response headers a plugin wants added (e.g. the account's x-ratelimit-* headers)
     response_headers: dict[bytes, bytes] = field(factory=dict)
     extra: dict[str, Any] = field(factory=dict)

@@ -372,6 +372,7 @@ class ProxiedRequest:
         self.taken_tokens = call.expected_tokens
         now = gw.clock.seconds()
         key.budget.take(self.taken_tokens, now)
+        call.sent_marks = (key.budget.requests.spent, key.budget.tokens.spent)
         self.attempt_started = now
         headers = Headers(self.headers)
         headers.setRawHeaders(b"authorization", [key.auth_header])

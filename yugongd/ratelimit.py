@@ -84,7 +84,7 @@ def parse_int(text: str | bytes | None) -> int | None:
 class Bucket:
     """A continuously refilling allowance (requests or tokens of one organisation)."""
 
-    __slots__ = ("capacity", "_level", "rate", "_at", "learned")
+    __slots__ = ("capacity", "_level", "rate", "_at", "learned", "spent")
 
     def __init__(self, capacity: float | None = None) -> None:
         #: ``None``: no limit known
@@ -95,6 +95,9 @@ class Bucket:
         self._at = 0.0
         #: whether the upstream's headers have set it (then they win over the config)
         self.learned = False
+        #: everything ever taken (give-backs excluded): a request notes it when it is sent,
+        #: and :meth:`sync` subtracts what was taken after it
+        self.spent = 0.0
 
     def level(self, now: float) -> float:
         if self.capacity is None:
@@ -102,21 +105,41 @@ class Bucket:
         return min(self.capacity, self._level + self.rate * max(0.0, now - self._at))
 
     def take(self, amount: float, now: float) -> None:
+        self.spent += amount
         if self.capacity is None:
             return
         self._level = self.level(now) - amount
         self._at = now
 
     def give_back(self, amount: float, now: float) -> None:
-        self.take(-amount, now)
+        if self.capacity is None:
+            return
+        self._level = self.level(now) + amount
+        self._at = now
 
-    def sync(self, limit: int | None, remaining: int, reset: float | None, now: float) -> None:
-        """Take the upstream's word: ``remaining`` now, full again in ``reset`` seconds."""
+    def sync(
+        self,
+        limit: int | None,
+        remaining: int,
+        reset: float | None,
+        now: float,
+        spent_at_send: float | None = None,
+    ) -> None:
+        """Take the upstream's word: ``remaining`` now, full again in ``reset`` seconds.
+
+        The headers describe the bucket when the upstream admitted the responding request,
+        so requests sent after that one (``spent - spent_at_send``) are still to be counted
+        by the upstream and are subtracted; without this, every response would hand back
+        the allowance of the requests in flight and the pool would overshoot the limit.
+        """
         if limit is not None and limit > 0:
             self.capacity = float(limit)
         elif self.capacity is None or remaining > self.capacity:
             self.capacity = float(max(remaining, 1))
-        self._level = float(remaining)
+        later = 0.0
+        if spent_at_send is not None:
+            later = max(0.0, self.spent - spent_at_send)
+        self._level = float(remaining) - later
         self._at = now
         deficit = self.capacity - remaining
         if reset is not None and reset > 0 and deficit > 0:

@@ -90,6 +90,7 @@ class BalancerPlugin:
     def yugongd_upstream_response(self, call: Call, key: UpstreamKey, response: IResponse) -> None:
         """Learn the organisation's remaining requests and tokens from the headers."""
         now = self.gateway.clock.seconds()
+        marks = call.sent_marks or (None, None)
         remaining = parse_int(_first(response, b"x-ratelimit-remaining-requests"))
         if remaining is not None:
             key.budget.requests.sync(
@@ -97,6 +98,7 @@ class BalancerPlugin:
                 remaining,
                 parse_duration(_first(response, b"x-ratelimit-reset-requests")),
                 now,
+                marks[0],
             )
         remaining = parse_int(_first(response, b"x-ratelimit-remaining-tokens"))
         if remaining is not None:
@@ -105,6 +107,7 @@ class BalancerPlugin:
                 remaining,
                 parse_duration(_first(response, b"x-ratelimit-reset-tokens")),
                 now,
+                marks[1],
             )
         if response.code < 400:
             key.strikes = 0

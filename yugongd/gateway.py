@@ -16,11 +16,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import client, server
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IResponse
-from zope.interface import implementer
+from twisted.web.iweb import IResponse
 
 from yugongd.accounts import AccountStore
 from yugongd.errors import write_json
+from yugongd.httpclient import HTTPClient, UpstreamAgent
 from yugongd.ledger import Ledger
 from yugongd.plugins import make_plugin_manager
 from yugongd.pool import KeyPool, Upstream, UpstreamKey
@@ -29,7 +29,7 @@ from yugongd.state import StateStore, StoredKey
 from yugongd.usage import PriceTable
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+    from twisted.internet.interfaces import IReactorTime
 
     from yugongd.config import Config
     from yugongd.proxy import ProxiedRequest
@@ -38,31 +38,6 @@ log = Logger()
 
 #: how often (seconds, at most) disabled keys are looked at for a due probe
 PROBE_TICK = 5.0
-
-
-@implementer(IAgentEndpointFactory)
-class _CachedEndpoints:
-    """Twisted's standard endpoints (TCP, TLS for https), made once per host and port
-    instead of once per request: making one IDNA-encodes the host name every time."""
-
-    def __init__(self, reactor: Any, connect_timeout: float) -> None:
-        self._factory = client._StandardEndpointFactory(
-            reactor, client.BrowserLikePolicyForHTTPS(), connect_timeout, None
-        )
-        self._cache: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
-
-    def endpointForURI(self, uri: client.URI) -> IStreamClientEndpoint:
-        key = (uri.scheme, uri.host, uri.port)
-        endpoint = self._cache.get(key)
-        if endpoint is None:
-            endpoint = self._cache[key] = self._factory.endpointForURI(uri)
-        return endpoint
-
-
-class _QuietClientFactory(client._HTTP11ClientFactory):
-    """No "Starting factory" log line for every new upstream connection."""
-
-    noisy = False
 
 
 class Gateway:
@@ -85,12 +60,9 @@ class Gateway:
         self.prices = PriceTable(config.prices)
         self.inflight: set[ProxiedRequest] = set()
         self.queue = PoolQueue(reactor)
-        self.http_pool = client.HTTPConnectionPool(reactor, persistent=True)
-        self.http_pool.maxPersistentPerHost = 256
-        self.http_pool.cachedConnectionTimeout = 90
-        self.http_pool.retryAutomatically = False
-        self.http_pool._factory = _QuietClientFactory
-        self._agents: dict[str, tuple[Upstream, client.Agent]] = {}
+        #: persistent upstream connections (at most 256 idle per host, closed after 90 s)
+        self.http = HTTPClient(reactor, max_idle_per_host=256, idle_timeout=90.0)
+        self._agents: dict[str, tuple[Upstream, UpstreamAgent]] = {}
         self.pm = pm if pm is not None else make_plugin_manager(config, self)
         from yugongd.admin import AdminAPI
         from yugongd.billing import BillingAPI
@@ -190,7 +162,7 @@ class Gateway:
             self.prober.stop()
         yield self.state.flush()
         yield self.state.close()
-        yield self.http_pool.closeCachedConnections()
+        yield self.http.close()
 
     # -- probes ---------------------------------------------------------------------------
 
@@ -242,16 +214,11 @@ class Gateway:
 
     # -- per request helpers ------------------------------------------------------------
 
-    def agent_for(self, upstream: Upstream) -> client.Agent:
-        """One Agent per upstream (its connect timeout), all on the shared connection pool."""
+    def agent_for(self, upstream: Upstream) -> UpstreamAgent:
+        """One agent per upstream (its connect timeout), all on the shared connections."""
         entry = self._agents.get(upstream.name)
         if entry is None or entry[0] is not upstream:
-            agent = client.Agent.usingEndpointFactory(
-                self.reactor,
-                _CachedEndpoints(self.reactor, upstream.timeouts.connect),
-                pool=self.http_pool,
-            )
-            entry = (upstream, agent)
+            entry = (upstream, self.http.agent(upstream.timeouts.connect))
             self._agents[upstream.name] = entry
         return entry[1]
 

@@ -1,0 +1,637 @@
+"""The upstream HTTP/1.1 client: Twisted protocols driven by ``httptools`` (llhttp, in C).
+
+Twisted's :class:`~twisted.web.client.Agent` parses responses line by line in Python
+through a state machine of several objects per request; at gateway rates that parsing
+was about half of yugongd's CPU. :class:`HTTPClient` keeps what the Agent gave us and
+drops the rest:
+
+- the same interface (:meth:`UpstreamAgent.request` takes a method, an absolute URL,
+  :class:`~twisted.web.http_headers.Headers` and an ``IBodyProducer`` and fires with an
+  ``IResponse``-like :class:`Response` whose body is delivered with ``deliverBody``), so
+  the proxy, the probes and the in-memory test fakes are unchanged;
+- Twisted's standard endpoints (TCP; TLS with the browser-like certificate policy for
+  ``https``), made once per host;
+- persistent connections, at most ``max_idle_per_host`` idle ones per host, each closed
+  after ``idle_timeout`` seconds unused;
+- backpressure: the body's transport pauses and resumes the TCP connection, and
+  ``stopProducing`` aborts it;
+- cancelling the request's Deferred (first-byte timeout, client gone) aborts the
+  connection; a response that ends cleanly frees the connection for the next request.
+
+A request sent on a reused idle connection that the server closed in the meantime (the
+connection ends before a single response byte) is retried once on a new connection: the
+server cannot have processed it. Everything else is the caller's to handle, as with the
+Agent: the errors are :class:`~twisted.web.client.ResponseNeverReceived`,
+:class:`~twisted.web.client.ResponseFailed` and the endpoint's connect errors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httptools
+from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import client
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+
+log = Logger()
+
+_HOP = frozenset(
+    (
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"content-length",
+        b"host",
+        b"upgrade",
+        b"te",
+        b"trailer",
+    )
+)
+_DONE = Failure(client.ResponseDone())
+#: response status line and headers larger than this are refused (Twisted's Agent refused
+#: any single line over 64 KiB; llhttp itself has no bound)
+MAX_HEAD_BYTES = 64 * 1024
+
+
+class ResponseHeadTooLarge(Exception):
+    """The upstream's response headers exceeded :data:`MAX_HEAD_BYTES`."""
+
+
+class ResponseHeaders:
+    """The read-only subset of :class:`~twisted.web.http_headers.Headers` a response needs,
+    made without re-encoding each name: lower-case names, values as received."""
+
+    __slots__ = ("_raw", "_map")
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self._raw = raw
+        self._map: dict[bytes, list[bytes]] | None = None
+
+    def _index(self) -> dict[bytes, list[bytes]]:
+        m = self._map
+        if m is None:
+            m = self._map = {}
+            for name, value in self._raw:
+                values = m.get(name)
+                if values is None:
+                    m[name] = [value]
+                else:
+                    values.append(value)
+        return m
+
+    def getRawHeaders(self, name: bytes | str, default: Any = None) -> Any:
+        if isinstance(name, str):
+            name = name.encode("ascii")
+        return self._index().get(name.lower(), default)
+
+    def hasHeader(self, name: bytes | str) -> bool:
+        return self.getRawHeaders(name) is not None
+
+    def getAllRawHeaders(self) -> Any:
+        return iter(self._index().items())
+
+    def __repr__(self) -> str:
+        return f"ResponseHeaders({sorted(self._index())!r})"
+
+
+class _BodyTransport:
+    """What a body protocol sees as its transport: the upstream connection's flow control,
+    for as long as the connection carries this response (it may carry the next one after)."""
+
+    __slots__ = ("_conn", "_response")
+
+    def __init__(self, conn: _Connection, response: Response) -> None:
+        self._conn = conn
+        self._response = response
+
+    def _transport(self) -> Any:
+        conn = self._conn
+        if conn.response is self._response and conn.response_open:
+            return conn.transport
+        return None
+
+    def pauseProducing(self) -> None:
+        t = self._transport()
+        if t is not None:
+            t.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        t = self._transport()
+        if t is not None:
+            t.resumeProducing()
+
+    def stopProducing(self) -> None:
+        """The body's reader wants no more: drop the connection (it cannot be reused)."""
+        t = self._transport()
+        if t is not None:
+            t.abortConnection()
+
+    abortConnection = stopProducing  # client.readBody's canceller uses this name
+
+
+class Response:
+    """An upstream response: status, headers, and a body delivered to one protocol."""
+
+    __slots__ = (
+        "version",
+        "code",
+        "phrase",
+        "headers",
+        "length",
+        "request",
+        "previousResponse",
+        "_conn",
+        "_protocol",
+        "_buffer",
+        "_end",
+    )
+
+    def __init__(self, conn: _Connection, code: int, phrase: bytes, headers: ResponseHeaders):
+        self.version = (b"HTTP", 1, 1)
+        self.code = code
+        self.phrase = phrase
+        self.headers = headers
+        length = headers.getRawHeaders(b"content-length")
+        self.length: Any = client.UNKNOWN_LENGTH
+        if length:
+            try:
+                self.length = int(length[0])
+            except ValueError:
+                pass
+        self.request = None
+        self.previousResponse = None
+        self._conn = conn
+        self._protocol: Any = None
+        self._buffer: list[bytes] | None = []
+        self._end: Failure | None = None
+
+    def deliverBody(self, protocol: Any) -> None:
+        if self._protocol is not None:
+            raise RuntimeError("the response body was already delivered")
+        self._protocol = protocol
+        protocol.makeConnection(_BodyTransport(self._conn, self))
+        buffered, self._buffer = self._buffer, None
+        if buffered:
+            for data in buffered:
+                protocol.dataReceived(data)
+        if self._end is not None:
+            protocol.connectionLost(self._end)
+
+    def setPreviousResponse(self, response: Any) -> None:
+        self.previousResponse = response
+
+    def _data(self, data: bytes) -> None:
+        if self._protocol is not None:
+            self._protocol.dataReceived(data)
+        elif self._buffer is not None:
+            self._buffer.append(data)
+
+    def _finish(self, reason: Failure) -> None:
+        if self._end is not None:
+            return
+        self._end = reason
+        if self._protocol is not None:
+            self._protocol.connectionLost(reason)
+
+
+class _Connection(Protocol):
+    """One upstream HTTP/1.1 connection: one request at a time, kept alive between."""
+
+    def __init__(self, owner: HTTPClient, key: tuple[bytes, bytes, int]) -> None:
+        self.owner = owner
+        self.key = key
+        self.parser: Any = None
+        self.d: defer.Deferred[Any] | None = None
+        self.response: Response | None = None
+        self.response_open = False
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.phrase = b""
+        self.got_bytes = False
+        self.head_bytes = 0
+        self.message_done = False
+        self.keep_alive = False
+        self.head_only = False
+        self.idle_call: Any = None
+        self.uses = 0
+        self.connected_ = False
+        self.retry: tuple[Any, ...] | None = None
+
+    # -- the transport --------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.connected_ = True
+        set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_nodelay is not None:
+            try:
+                set_nodelay(True)
+            except OSError:
+                pass
+
+    def send(self, method: bytes, head: bytes, body: bytes, d: defer.Deferred[Any]) -> None:
+        self.uses += 1
+        self.d = d
+        self.response = None
+        self.headers = []
+        self.phrase = b""
+        self.got_bytes = False
+        self.head_bytes = 0
+        self.message_done = False
+        self.keep_alive = False
+        self.head_only = method == b"HEAD"
+        self.parser = httptools.HttpResponseParser(self)
+        assert self.transport is not None
+        if body:
+            self.transport.write(head + body)
+        else:
+            self.transport.write(head)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.parser is None:
+            # bytes while idle: the server broke the protocol; this connection is done
+            self.abort()
+            return
+        self.got_bytes = True
+        if self.response is None:
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self._fail(Failure(ResponseHeadTooLarge(f"response headers over {MAX_HEAD_BYTES}")))
+                self.abort()
+                return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass
+        except httptools.HttpParserError as e:
+            self._fail(Failure(client.ResponseFailed([Failure(e)])))
+            self.abort()
+            return
+        if self.message_done:
+            self._message_end()
+
+    def connectionLost(self, reason: Failure = _DONE) -> None:
+        self.connected_ = False
+        self.owner._forget(self)
+        if self.idle_call is not None and self.idle_call.active():
+            self.idle_call.cancel()
+        self.idle_call = None
+        if self.d is not None:
+            d, self.d = self.d, None
+            if self.retry is not None and not self.got_bytes:
+                # a reused connection the server had closed: it never saw this request
+                (key, timeout, method, head, body, holder), self.retry = self.retry, None
+                self.owner._send_new(key, timeout, method, head, body, holder, d)
+                return
+            d.errback(Failure(client.ResponseNeverReceived([reason])))
+        elif self.response is not None and not self.message_done:
+            response, self.response = self.response, None
+            self.response_open = False
+            if (
+                not self.headers_have_length
+                and reason.check(ConnectionDone) is not None
+                and self.parser is not None
+            ):
+                # a body delimited by the end of the connection
+                response._finish(Failure(PotentialDataLoss()))
+            else:
+                response._finish(Failure(client.ResponseFailed([reason])))
+        self.parser = None
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _fail(self, reason: Failure) -> None:
+        self.retry = None
+        if self.d is not None:
+            d, self.d = self.d, None
+            d.errback(reason)
+        elif self.response is not None and not self.message_done:
+            response, self.response = self.response, None
+            self.response_open = False
+            response._finish(reason)
+
+    # -- httptools callbacks --------------------------------------------------------------
+
+    def on_status(self, status: bytes) -> None:
+        self.phrase += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        code = self.parser.get_status_code()
+        if 100 <= code < 200:  # an interim response: the real one follows
+            self.headers = []
+            self.phrase = b""
+            return
+        self.retry = None
+        headers = ResponseHeaders(self.headers)
+        self.headers_have_length = (
+            headers.getRawHeaders(b"content-length") is not None
+            or headers.getRawHeaders(b"transfer-encoding") is not None
+        )
+        response = Response(self, code, self.phrase, headers)
+        self.response = response
+        self.response_open = True
+        d, self.d = self.d, None
+        if self.head_only:
+            self.message_done = True
+        if d is not None:
+            d.callback(response)
+
+    headers_have_length = True
+
+    def on_body(self, data: bytes) -> None:
+        if self.response is not None:
+            self.response._data(data)
+
+    def on_message_complete(self) -> None:
+        if self.response is not None:
+            self.message_done = True
+            # (llhttp forgets this once the callback returns)
+            self.keep_alive = self.parser.should_keep_alive()
+
+    def _message_end(self) -> None:
+        response, self.response = self.response, None
+        self.response_open = False
+        keep = (
+            not self.head_only
+            and self.keep_alive
+            and self.transport is not None
+            and self.connected_
+        )
+        self.parser = None
+        self.message_done = False
+        if keep:
+            self.owner._release(self)
+        elif self.transport is not None:
+            self.transport.loseConnection()
+        if response is not None:
+            response._finish(_DONE)
+
+    # -- the pool's side ------------------------------------------------------------------
+
+    def idle_timeout(self) -> None:
+        self.idle_call = None
+        self.owner._forget(self)
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+
+class _ConnectionFactory(Factory):
+    noisy = False
+
+    def __init__(self, owner: HTTPClient, key: tuple[bytes, bytes, int]) -> None:
+        self.owner = owner
+        self.key = key
+
+    def buildProtocol(self, addr: Any) -> _Connection:
+        return _Connection(self.owner, self.key)
+
+
+class HTTPClient:
+    """Persistent upstream connections shared by every upstream; agents per connect timeout."""
+
+    def __init__(
+        self, reactor: Any, max_idle_per_host: int = 256, idle_timeout: float = 90.0
+    ) -> None:
+        self.reactor = reactor
+        self.max_idle_per_host = max_idle_per_host
+        self.idle_timeout = idle_timeout
+        self._idle: dict[tuple[bytes, bytes, int], list[_Connection]] = {}
+        self._all: set[_Connection] = set()
+        #: scheme://host[:port] -> (pool key, Host header value)
+        self._origins: dict[bytes, tuple[tuple[bytes, bytes, int], bytes]] = {}
+        self._endpoints: dict[tuple[tuple[bytes, bytes, int], float], Any] = {}
+        self._endpoint_factories: dict[float, Any] = {}
+        self._closing: list[defer.Deferred[None]] = []
+
+    def agent(self, connect_timeout: float) -> UpstreamAgent:
+        return UpstreamAgent(self, connect_timeout)
+
+    def open_connections(self) -> int:
+        return len(self._all)
+
+    def idle_connections(self) -> int:
+        return sum(len(v) for v in self._idle.values())
+
+    # -- requests -------------------------------------------------------------------------
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None,
+        body_producer: Any,
+        connect_timeout: float,
+    ) -> defer.Deferred[Any]:
+        cut = uri.find(b"/", uri.find(b"://") + 3)
+        if cut < 0:
+            origin, path = uri, b"/"
+        else:
+            origin, path = uri[:cut], uri[cut:]
+        origin_info = self._origins.get(origin)
+        if origin_info is None:
+            origin_info = self._origins[origin] = self._parse_origin(origin)
+        key, host = origin_info
+        parts = [method, b" ", path, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
+        if headers is not None:
+            for name, values in headers.getAllRawHeaders():
+                if name.lower() in _HOP:
+                    continue
+                for value in values:
+                    parts += (name, b": ", value, b"\r\n")
+        body = b""
+        if body_producer is not None:
+            known: bytes | None = getattr(body_producer, "_body", None)
+            if known is None:
+                return self._collect_body(method, uri, headers, body_producer, connect_timeout)
+            body = known
+        if body or method in (b"POST", b"PUT", b"PATCH"):
+            parts += (b"Content-Length: ", str(len(body)).encode(), b"\r\n")
+        parts.append(b"\r\n")
+        head = b"".join(parts)
+
+        def cancel(d: defer.Deferred[Any]) -> None:
+            conn = holder[0]
+            if conn is not None and conn.d is d:
+                conn.d = None
+                conn.retry = None
+                conn.abort()
+
+        d: defer.Deferred[Any] = defer.Deferred(cancel)
+        holder: list[_Connection | None] = [None]
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if conn.idle_call is not None and conn.idle_call.active():
+                conn.idle_call.cancel()
+            conn.idle_call = None
+            if conn.connected_ and conn.transport is not None:
+                holder[0] = conn
+                conn.retry = (key, connect_timeout, method, head, body, holder)
+                conn.send(method, head, body, d)
+                return d
+        self._send_new(key, connect_timeout, method, head, body, holder, d)
+        return d
+
+    def _send_new(
+        self,
+        key: tuple[bytes, bytes, int],
+        connect_timeout: float,
+        method: bytes,
+        head: bytes,
+        body: bytes,
+        holder: list[_Connection | None],
+        d: defer.Deferred[Any],
+    ) -> None:
+        endpoint = self._endpoint(key, connect_timeout)
+        holder[0] = None
+        connecting = endpoint.connect(_ConnectionFactory(self, key))
+        cancelled = [False]
+
+        def connected(conn: _Connection) -> None:
+            if cancelled[0]:
+                conn.transport.loseConnection()  # type: ignore[union-attr]
+                return
+            self._all.add(conn)
+            holder[0] = conn
+            conn.send(method, head, body, d)
+
+        def failed(reason: Failure) -> None:
+            if not cancelled[0]:
+                d.errback(reason)
+
+        connecting.addCallbacks(connected, failed)
+        # a cancel while connecting abandons the attempt
+        original = d._canceller
+
+        def cancel(dd: defer.Deferred[Any]) -> None:
+            if holder[0] is None:
+                cancelled[0] = True
+                connecting.cancel()
+                if not dd.called:
+                    dd.errback(Failure(defer.CancelledError()))
+                return
+            assert original is not None
+            original(dd)
+
+        d._canceller = cancel
+
+    def _collect_body(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None,
+        producer: Any,
+        connect_timeout: float,
+    ) -> defer.Deferred[Any]:
+        """A body from a general ``IBodyProducer``: read it whole, then send."""
+        parts: list[bytes] = []
+
+        class _Sink:
+            def write(self, data: bytes) -> None:
+                parts.append(data)
+
+        done = defer.maybeDeferred(producer.startProducing, _Sink())
+        return done.addCallback(
+            lambda _: self.request(method, uri, headers, _Bytes(b"".join(parts)), connect_timeout)
+        )
+
+    # -- connections ----------------------------------------------------------------------
+
+    @staticmethod
+    def _parse_origin(origin: bytes) -> tuple[tuple[bytes, bytes, int], bytes]:
+        uri = client.URI.fromBytes(origin + b"/")
+        default = 443 if uri.scheme == b"https" else 80
+        host = uri.host if uri.port == default else b"%s:%d" % (uri.host, uri.port)
+        if b":" in uri.host and not uri.host.startswith(b"["):
+            host = b"[%s]" % uri.host if uri.port == default else b"[%s]:%d" % (uri.host, uri.port)
+        return (uri.scheme, uri.host, uri.port), host
+
+    def _endpoint(self, key: tuple[bytes, bytes, int], connect_timeout: float) -> Any:
+        cached = self._endpoints.get((key, connect_timeout))
+        if cached is None:
+            factory = self._endpoint_factories.get(connect_timeout)
+            if factory is None:
+                factory = self._endpoint_factories[connect_timeout] = (
+                    client._StandardEndpointFactory(
+                        self.reactor, client.BrowserLikePolicyForHTTPS(), connect_timeout, None
+                    )
+                )
+            scheme, host, port = key
+            uri = client.URI(scheme, b"%s:%d" % (host, port), host, port, b"/", b"", b"", b"")
+            cached = self._endpoints[(key, connect_timeout)] = factory.endpointForURI(uri)
+        return cached
+
+    def _release(self, conn: _Connection) -> None:
+        idle = self._idle.setdefault(conn.key, [])
+        if len(idle) >= self.max_idle_per_host:
+            conn.abort()
+            return
+        idle.append(conn)
+        conn.idle_call = self.reactor.callLater(self.idle_timeout, conn.idle_timeout)
+
+    def _forget(self, conn: _Connection) -> None:
+        self._all.discard(conn)
+        idle = self._idle.get(conn.key)
+        if idle and conn in idle:
+            idle.remove(conn)
+        if not self._all and self._closing:
+            waiting, self._closing = self._closing, []
+            for w in waiting:
+                w.callback(None)
+
+    def close(self) -> defer.Deferred[None]:
+        """Close the idle connections and abort the busy ones (called after the drain);
+        fires when every connection is gone."""
+        for conn in list(self._all):
+            if conn.d is not None or conn.response is not None:
+                conn.abort()
+        for idle in list(self._idle.values()):
+            for conn in list(idle):
+                if conn.idle_call is not None and conn.idle_call.active():
+                    conn.idle_call.cancel()
+                conn.idle_call = None
+                if conn.transport is not None:
+                    conn.transport.loseConnection()
+        self._idle.clear()
+        if not self._all:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._closing.append(d)
+        return d
+
+
+class _Bytes:
+    __slots__ = ("_body", "length")
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+
+class UpstreamAgent:
+    """An ``IAgent``: requests through an :class:`HTTPClient` with one connect timeout."""
+
+    __slots__ = ("_client", "_timeout")
+
+    def __init__(self, http: HTTPClient, connect_timeout: float) -> None:
+        self._client = http
+        self._timeout = connect_timeout
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None = None,
+        bodyProducer: Any = None,
+    ) -> defer.Deferred[Any]:
+        return self._client.request(method, uri, headers, bodyProducer, self._timeout)

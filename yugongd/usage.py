@@ -120,7 +120,7 @@ def usage_from_json(body: bytes) -> tuple[int, int] | None:
     """The usage of a JSON answer (chat, completions, embeddings, responses …)."""
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(doc, dict):
         return None
@@ -135,6 +135,11 @@ _TEXT_FIELD = re.compile(rb'"(?:content|text|delta|arguments)":\s*"((?:[^"\\]|\\
 _NULL_USAGE = re.compile(rb'"usage":\s*null')
 
 
+#: an event longer than this is relayed without being scanned (a usage chunk is < 1 kB;
+#: without a bound, an upstream that never ends an event would grow memory without limit)
+MAX_EVENT = 4 << 20
+
+
 class SSEUsageScanner:
     """Follows a server-sent event stream as it is relayed.
 
@@ -142,19 +147,54 @@ class SSEUsageScanner:
     should get. When ``strip_usage`` is false it returns the input unchanged (the scan
     works on the side); when true, it returns whole events only, leaving out the usage
     chunk that yugongd asked for on the client's behalf. Events split across reads at
-    any byte are handled.
+    any byte are handled. The bytes of an unfinished event are kept as a list and joined
+    once the event ends, so a long event costs linear time; past ``max_event`` bytes it is
+    passed through unscanned up to its end.
     """
 
-    __slots__ = ("strip_usage", "usage", "text_chars", "_pending")
+    __slots__ = ("strip_usage", "usage", "text_chars", "_parts", "_size", "_skipping", "_tail")
+
+    max_event = MAX_EVENT
 
     def __init__(self, strip_usage: bool = False) -> None:
         self.strip_usage = strip_usage
         self.usage: tuple[int, int] | None = None
         self.text_chars = 0
-        self._pending = b""
+        #: the unfinished event so far
+        self._parts: list[bytes] = []
+        self._size = 0
+        #: inside an oversized event: pass bytes through until it ends
+        self._skipping = False
+        self._tail = b""
 
     def feed(self, data: bytes) -> bytes:
-        buf = self._pending + data if self._pending else data
+        if not data:
+            return b""
+        if self._skipping:
+            probe = self._tail + data
+            match = _EVENT_END.search(probe)
+            if match is None:
+                self._tail = probe[-3:]
+                return data
+            cut = match.end() - len(self._tail)
+            self._skipping = False
+            self._tail = b""
+            rest = self.feed(data[cut:])
+            return data[:cut] + rest if self.strip_usage else data
+        if self._parts:
+            # an event end can only be in the new bytes, or straddle the boundary
+            if _EVENT_END.search(self._parts[-1][-3:] + data) is None:
+                self._parts.append(data)
+                self._size += len(data)
+                if self._size > self.max_event:
+                    held = self._overflow()
+                    return held if self.strip_usage else data
+                return b"" if self.strip_usage else data
+            buf = b"".join(self._parts) + data
+            self._parts = []
+            self._size = 0
+        else:
+            buf = data
         last = 0
         out: list[bytes] = []
         for match in _EVENT_END.finditer(buf):
@@ -165,14 +205,31 @@ class SSEUsageScanner:
                 continue
             if self.strip_usage:
                 out.append(event)
-        self._pending = buf[last:]
+        if last < len(buf):
+            self._parts = [buf[last:]]
+            self._size = len(buf) - last
+            if self._size > self.max_event:
+                held = self._overflow()
+                return b"".join(out) + held if self.strip_usage else data
         if not self.strip_usage:
             return data
         return b"".join(out) if len(out) != 1 else out[0]
 
+    def _overflow(self) -> bytes:
+        """The unfinished event is too long to hold: it goes through unscanned (this
+        returns what was held of it) up to its end."""
+        held = b"".join(self._parts)
+        self._parts = []
+        self._size = 0
+        self._skipping = True
+        self._tail = held[-3:]
+        return held
+
     def finish(self) -> bytes:
         """The bytes held back at the end of the stream (an unterminated last event)."""
-        rest, self._pending = self._pending, b""
+        rest = b"".join(self._parts)
+        self._parts = []
+        self._size = 0
         if rest:
             self._scan(rest)
         return rest if self.strip_usage else b""
@@ -188,7 +245,7 @@ class SSEUsageScanner:
                 continue
             try:
                 doc = json.loads(line[5:])
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
             if not isinstance(doc, dict):
                 continue

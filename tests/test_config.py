@@ -576,7 +576,7 @@ def test_error_carries_its_parts(tmp_path: Path) -> None:
     [
         # unknown keys, with a hint when one is close
         (with_upstream(listn="tcp:1"), "y.yaml: unknown key 'listn' (did you mean 'listen'?)"),
-        (with_upstream(colour="blue"), "y.yaml: unknown key 'colour'"),
+        (with_upstream(colour="blue"), "y.yaml: unknown key 'colour' (did you mean 'cluster'?)"),
         (
             with_upstream(pool={"strategyy": "random"}),
             "y.yaml: pool: unknown key 'strategyy' (did you mean 'strategy'?)",

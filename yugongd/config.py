@@ -33,6 +33,7 @@ __all__ = [
     "AccessLogConfig",
     "AccountConfig",
     "AdminConfig",
+    "ClusterConfig",
     "Config",
     "ConfigError",
     "FailoverConfig",
@@ -51,6 +52,7 @@ __all__ = [
 
 STRATEGIES = ("least-loaded", "round-robin", "weighted", "random")
 ACCESS_LOG_FORMATS = ("text", "json")
+REDIS_OUTAGE_CHOICES = ("local", "reject")
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
 DEFAULT_STATE = "sqlite:yugongd.db"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -163,6 +165,23 @@ class PluginsConfig:
 
 
 @frozen
+class ClusterConfig:
+    """Cluster mode (``state: "redis://…"``): what this process calls itself, where it spools
+    ledger rows while Redis is unreachable, and what admission does meanwhile.
+
+    :param redis_outage: ``"local"``: keep serving on this process's own limits and credit
+        view; ``"reject"``: answer 503 ``state_unavailable`` to requests of accounts with
+        limits or credit until Redis is back.
+    :param instance: this process's name in ``/metrics`` and logs; default ``<host>-<pid>``.
+    """
+
+    redis_outage: str = "local"
+    instance: str | None = None
+    spool_dir: str = "."
+    timeout: float = 1.0
+
+
+@frozen
 class Config:
     source: str
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
@@ -177,7 +196,28 @@ class Config:
     accounts: tuple[AccountConfig, ...] = ()
     plugins: PluginsConfig = PluginsConfig()
     access_log: AccessLogConfig = AccessLogConfig()
+    cluster: ClusterConfig = ClusterConfig()
     notes: tuple[str, ...] = ()
+
+
+def parse_redis_url(url: str) -> tuple[str, int, int, str | None]:
+    """``redis://[:password@]host[:port][/db]`` as ``(host, port, db, password)``.
+
+    :raises ValueError: with a message that says what is wrong.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "redis" or not parts.hostname:
+        raise ValueError(f"expected 'redis://host:port/db', got {url!r}")
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise ValueError(f"invalid port in {url!r}") from None
+    db_text = parts.path.strip("/") or "0"
+    if not db_text.isdigit():
+        raise ValueError(f"the database in {url!r} must be a number, like redis://host:6379/0")
+    if parts.query or parts.fragment:
+        raise ValueError(f"no query or fragment expected in {url!r}")
+    return parts.hostname, port, int(db_text), parts.password
 
 
 # --- loading ----------------------------------------------------------------------------------
@@ -267,6 +307,7 @@ def parse_config(data: object, source: str, environ: Mapping[str, str] | None = 
         )
 
     access_log = r.access_log(top.get("access_log"), "access_log")
+    cluster = r.cluster(top.get("cluster"), "cluster")
 
     notes: list[str] = []
     if not any(u.keys for u in upstreams):
@@ -289,6 +330,7 @@ def parse_config(data: object, source: str, environ: Mapping[str, str] | None = 
         accounts=accounts,
         plugins=plugins,
         access_log=access_log,
+        cluster=cluster,
         notes=tuple(notes),
     )
 
@@ -357,7 +399,9 @@ _TOP_KEYS = (
     "accounts",
     "plugins",
     "access_log",
+    "cluster",
 )
+_CLUSTER_KEYS = ("redis_outage", "instance", "spool_dir", "timeout")
 _UPSTREAM_KEYS = ("name", "base_url", "timeouts", "models", "keys")
 _KEY_KEYS = ("id", "key", "organization", "weight", "rpm", "tpm", "models")
 _POOL_KEYS = ("strategy", "cooldown", "max_cooldown", "queue_timeout", "probe_interval")
@@ -584,7 +628,13 @@ class _Reader:
         if value is None:
             return DEFAULT_STATE
         s = self.string(value, path, nonempty=False)
-        if s == "memory" or s.startswith("redis://"):
+        if s == "memory":
+            return s
+        if s.startswith("redis://"):
+            try:
+                parse_redis_url(s)
+            except ValueError as e:
+                self.fail(path, str(e))
             return s
         if s.startswith("sqlite:") and s[len("sqlite:") :].strip():
             return s
@@ -711,6 +761,33 @@ class _Reader:
                 )
         return AccessLogConfig(
             enabled=self.boolean(s.get("enabled"), s.path("enabled"), True), format=fmt
+        )
+
+    def cluster(self, value: object, path: str) -> ClusterConfig:
+        if value is None:
+            return ClusterConfig()
+        s = self.section(value, path, _CLUSTER_KEYS)
+        outage = "local"
+        if (raw := s.get("redis_outage")) is not None:
+            outage = self.string(raw, s.path("redis_outage"))
+            if outage not in REDIS_OUTAGE_CHOICES:
+                self.fail(
+                    s.path("redis_outage"),
+                    f"unknown choice {outage!r}; expected one of "
+                    + ", ".join(REDIS_OUTAGE_CHOICES),
+                )
+        instance = self.opt_str(s.get("instance"), s.path("instance"))
+        if instance is not None and not re.fullmatch(r"[A-Za-z0-9_.:@-]{1,64}", instance):
+            self.fail(
+                s.path("instance"),
+                f"expected 1 to 64 letters, digits or '_.:@-', got {instance!r}",
+            )
+        spool_dir = self.opt_str(s.get("spool_dir"), s.path("spool_dir")) or "."
+        return ClusterConfig(
+            redis_outage=outage,
+            instance=instance,
+            spool_dir=spool_dir,
+            timeout=self.number(s.get("timeout"), s.path("timeout"), 1.0, above=0),
         )
 
     def pool(self, value: object, path: str) -> PoolConfig:

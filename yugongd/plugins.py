@@ -54,6 +54,13 @@ def make_plugin_manager(config: Config, gateway: Gateway) -> pluggy.PluginManage
     pm.add_hookspecs(hookspecs)
     for name in config.plugins.disable:
         pm.set_blocked(name)
+    if config.state.startswith("redis://") and not pm.is_blocked("cluster"):
+        from yugongd.builtin.cluster import ClusterPlugin
+        from yugongd.redisstate import RedisState
+
+        if isinstance(gateway.state, RedisState):
+            # registered first: its trylast hooks run after the defaults' (pluggy is LIFO)
+            pm.register(ClusterPlugin(gateway, gateway.state), name="cluster")
     for name, factory in DEFAULT_PLUGINS:
         if not pm.is_blocked(name):
             pm.register(factory(gateway), name=name)

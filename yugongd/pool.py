@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from attrs import define, field
 
@@ -118,11 +118,22 @@ class UpstreamKey:
         return models_match(self.endpoint.models, model) and models_match(self.models, model)
 
 
+class PoolListener(Protocol):
+    """Told of every change to a key's state made in this process (cluster mode shares
+    them with the other processes)."""
+
+    def key_changed(self, key: UpstreamKey) -> None: ...
+
+    def budget_learned(self, budget: Budget) -> None: ...
+
+
 class KeyPool:
     """All upstream keys, indexed for the per-request questions the proxy asks."""
 
     def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
+        #: told of cooldowns, disables, enables and learned limits (cluster mode)
+        self.listener: PoolListener | None = None
         self.upstreams: dict[str, Upstream] = {}
         self.keys: dict[str, UpstreamKey] = {}
         self.budgets: dict[str, Budget] = {}
@@ -265,6 +276,8 @@ class KeyPool:
     def cool_down(self, key: UpstreamKey, seconds: float, reason: str) -> None:
         key.cooldown_until = max(key.cooldown_until, self.clock.seconds() + seconds)
         key.last_error = reason
+        if self.listener is not None:
+            self.listener.key_changed(key)
 
     def disable(self, key: UpstreamKey, reason: str, probe: bool = False) -> None:
         """Take ``key`` out of service; with ``probe`` the prober may bring it back."""
@@ -273,6 +286,8 @@ class KeyPool:
         key.last_error = reason
         key.probe = probe
         key.disabled_at = self.clock.seconds()
+        if self.listener is not None:
+            self.listener.key_changed(key)
 
     def enable(self, key: UpstreamKey) -> None:
         key.enabled = True
@@ -280,6 +295,50 @@ class KeyPool:
         key.cooldown_until = 0.0
         key.strikes = 0
         key.probe = False
+        if self.listener is not None:
+            self.listener.key_changed(key)
+
+    def learned(self, budget: Budget) -> None:
+        """The upstream's headers have just updated ``budget``."""
+        if self.listener is not None:
+            self.listener.budget_learned(budget)
+
+    # -- the shared view (cluster mode) ----------------------------------------------------
+
+    @staticmethod
+    def key_state(key: UpstreamKey) -> dict[str, Any]:
+        """What other processes need to know of a key's state."""
+        return {
+            "enabled": key.enabled,
+            "reason": key.disabled_reason,
+            "cooldown_until": key.cooldown_until,
+            "last_error": key.last_error,
+            "probe": key.probe,
+            "disabled_at": key.disabled_at,
+        }
+
+    def apply_key_state(self, key_id: str, state: dict[str, Any]) -> bool:
+        """Take a key state another process published (no listener call: no echo).
+
+        A cooldown only ever lengthens the local one, except that an enable (which clears
+        it) is taken as it is. Returns whether the key is known here.
+        """
+        key = self.keys.get(key_id)
+        if key is None:
+            return False
+        enabled = bool(state.get("enabled", True))
+        until = float(state.get("cooldown_until") or 0.0)
+        if enabled and not key.enabled:
+            key.cooldown_until = until
+            key.strikes = 0
+        else:
+            key.cooldown_until = max(key.cooldown_until, until)
+        key.enabled = enabled
+        key.disabled_reason = state.get("reason") if not enabled else None
+        key.last_error = state.get("last_error") or key.last_error
+        key.probe = bool(state.get("probe", False))
+        key.disabled_at = float(state.get("disabled_at") or 0.0)
+        return True
 
     def counts(self) -> dict[str, int]:
         out = {"active": 0, "cooling": 0, "disabled": 0}

@@ -49,10 +49,15 @@ def open_state(config: Config, reactor: Any) -> StateStore:
         from yugongd.sqlite import SQLiteState
 
         return SQLiteState(spec[len("sqlite:") :], reactor)
+    if spec.startswith("redis://"):
+        from yugongd.redisstate import RedisState
+
+        try:
+            return RedisState(spec, reactor, config.cluster)
+        except ValueError as e:
+            raise ConfigError(config.source, "state", str(e)) from None
     raise ConfigError(
-        config.source,
-        "state",
-        f'{spec!r}: the Redis backend is not available in this version; use "sqlite:…" or "memory"',
+        config.source, "state", f"{spec!r}: expected 'memory', 'sqlite:<path>' or 'redis://…'"
     )
 
 

@@ -91,8 +91,10 @@ class BalancerPlugin:
         """Learn the organisation's remaining requests and tokens from the headers."""
         now = self.gateway.clock.seconds()
         marks = call.sent_marks or (None, None)
+        learned = False
         remaining = parse_int(_first(response, b"x-ratelimit-remaining-requests"))
         if remaining is not None:
+            learned = True
             key.budget.requests.sync(
                 parse_int(_first(response, b"x-ratelimit-limit-requests")),
                 remaining,
@@ -102,6 +104,7 @@ class BalancerPlugin:
             )
         remaining = parse_int(_first(response, b"x-ratelimit-remaining-tokens"))
         if remaining is not None:
+            learned = True
             key.budget.tokens.sync(
                 parse_int(_first(response, b"x-ratelimit-limit-tokens")),
                 remaining,
@@ -109,5 +112,7 @@ class BalancerPlugin:
                 now,
                 marks[1],
             )
+        if learned:
+            self.gateway.pool.learned(key.budget)
         if response.code < 400:
             key.strikes = 0

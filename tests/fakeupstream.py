@@ -17,6 +17,12 @@ Request headers understood by the fake:
 - ``x-fake-events: N``     number of content events in a stream (default 5)
 - ``x-fake-interval: S``   seconds to sleep after each content event (default 0)
 - ``x-fake-delay: S``      seconds to sleep before sending the response headers
+- ``x-fake-bytes: N``      /v1/audio/speech: a body of N zero bytes (progress in ``sent``)
+
+Fault behaviours (see :class:`Behaviour`): a reset before the headers or in the middle of
+the body, a hang before the headers or in the middle of a stream (the fake notices the
+client leaving while it waits and records it in ``disconnects``), a body trickled one byte
+at a time, a 200 with any bytes (malformed SSE, a body that is not JSON), huge headers.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import email.parser
 import functools
 import hashlib
 import json
+import select
 import socket
 import struct
 import threading
@@ -119,7 +126,16 @@ class Behaviour:
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0  # sleep before sending headers (first-byte delay)
     drop_after_events: int | None = None  # streams: close the socket abruptly after N events
+    #                                       (a fixed-length body: after half of it)
     close_before_headers: bool = False  # abort the connection without any response
+    hang_before_headers: float = 0.0  # like delay, but also returns when the client leaves
+    hang_after_events: int | None = None  # streams: go silent after N content events ...
+    hang: float = 30.0  # ... for this long at most (returns early when the client leaves)
+    trickle: float | None = None  # send the body one byte every `trickle` seconds
+    raw: bytes | None = None  # status 200 with exactly these bytes as the body
+    content_type: str = "application/json"  # of `raw`
+    chunked: bool = False  # send `raw` with chunked encoding instead of Content-Length
+    header_bytes: int = 0  # pad the response headers with this many bytes (x-fake-pad-N)
 
 
 def error_envelope(
@@ -360,10 +376,33 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _write(self, data: bytes) -> None:
         try:
+            if self._trickle is not None:
+                for i in range(len(data)):
+                    self.wfile.write(data[i : i + 1])
+                    self.wfile.flush()
+                    if self._wait_watching(self._trickle):
+                        raise _ClientGone
+                return
             self.wfile.write(data)
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as e:
             raise _ClientGone from e
+
+    def _wait_watching(self, seconds: float) -> bool:
+        """Sleep ``seconds``, returning early (True) when the client closes the connection."""
+        deadline = time.monotonic() + seconds
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                readable, _, _ = select.select([self.connection], [], [], min(left, 0.05))
+                if readable and not self.connection.recv(1, socket.MSG_PEEK):
+                    return True
+            except (OSError, ValueError):
+                return True
+            if readable:
+                time.sleep(min(left, 0.05))  # unexpected bytes (pipelining): just wait
 
     def _abort(self) -> None:
         """Close the connection abruptly, whatever was (not) sent so far."""
@@ -398,6 +437,13 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in {**self._behaviour_headers, **extra}.items():
             headers.pop(lower.get(name.lower(), name), None)
             headers[name] = value
+        pad = self._header_bytes
+        i = 0
+        while pad > 0:
+            piece = min(pad, 4000)
+            headers[f"x-fake-pad-{i}"] = "p" * piece
+            pad -= piece
+            i += 1
         if length is None:
             headers["Transfer-Encoding"] = "chunked"
         else:
@@ -439,6 +485,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._behaviour_headers: dict[str, str] = {}
         self._drop_after: int | None = None
         self._force_close = False
+        self._trickle: float | None = None
+        self._header_bytes = 0
+        self._hang_after: int | None = None
+        self._hang = 0.0
         fake = self.server.fake
         path, _, query = self.path.partition("?")
         headers: dict[str, str] = {}
@@ -469,9 +519,25 @@ class _Handler(BaseHTTPRequestHandler):
                     self._abort()
                 self._behaviour_headers = dict(behaviour.headers)
                 self._drop_after = behaviour.drop_after_events
+                self._header_bytes = behaviour.header_bytes
+                self._hang_after = behaviour.hang_after_events
+                self._hang = behaviour.hang
+                if behaviour.hang_before_headers and self._wait_watching(
+                    behaviour.hang_before_headers
+                ):
+                    raise _ClientGone
             delay = (behaviour.delay if behaviour else 0.0) + _float(headers.get("x-fake-delay"))
             if delay > 0:
                 time.sleep(delay)
+            if behaviour is not None:
+                self._trickle = behaviour.trickle
+            if behaviour is not None and behaviour.status == 200 and behaviour.raw is not None:
+                if behaviour.chunked:
+                    self._send_head(200, behaviour.content_type, None, {})
+                    self._write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(behaviour.raw), behaviour.raw))
+                else:
+                    self._send_bytes(200, behaviour.raw, behaviour.content_type)
+                return
             if behaviour is not None and behaviour.status != 200:
                 err = (
                     behaviour.body
@@ -546,6 +612,10 @@ class _Handler(BaseHTTPRequestHandler):
         for event in content:
             if self._drop_after is not None and sent >= self._drop_after:
                 self._abort()
+            if self._hang_after is not None and sent >= self._hang_after:
+                self._hang_after = None
+                if self._wait_watching(self._hang):
+                    raise _ClientGone
             send(event)
             sent += 1
             if interval > 0:

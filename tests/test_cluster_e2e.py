@@ -8,9 +8,15 @@ is one ledger (also across a Redis crash), and SQLite state migrates into Redis.
 from __future__ import annotations
 
 import json
+import signal
+import sqlite3
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+from fakeupstream import rate_limited
 from redis_fixtures import needs_redis, redis_fixture  # noqa: F401
 
 pytestmark = needs_redis
@@ -82,9 +88,9 @@ def admin(daemon, method: str, path: str, body=None):
 
 
 def usage_total(daemon) -> int:
+    """Requests in the ledger, as ``GET /admin/usage`` counts them (-1: not answered)."""
     status, doc = admin(daemon, "GET", "/admin/usage")
-    assert status == 200, doc
-    return int(doc["total"]["requests"])
+    return int(doc["total"]["requests"]) if status == 200 else -1
 
 
 def wait_until(predicate, timeout: float = 10.0) -> bool:
@@ -139,3 +145,156 @@ def test_credit_holds_across_processes_under_concurrency(upstream, daemon_factor
     assert wait_until(
         lambda: admin(daemons[2], "GET", f"/admin/accounts/{account}")[1]["used_usd"] == 1.25
     )
+
+
+def keys(daemon) -> dict[str, dict]:
+    status, doc = admin(daemon, "GET", "/admin/keys")
+    assert status == 200
+    return {k["id"]: k for k in doc["data"]}
+
+
+def test_key_cooled_down_by_one_process_gets_no_traffic_from_another(
+    upstream, daemon_factory, redis
+):
+    a, b = cluster(daemon_factory, upstream, redis, 2)
+    upstream.set_default(POOL_A, rate_limited(retry_after=20))
+    # through A until key-a has met its 429 (A fails over to key-b: the client sees 200)
+    for _ in range(4):
+        assert chat(a)[0] == 200
+        if any(r.key == POOL_A for r in upstream.received):
+            break
+    assert any(r.key == POOL_A for r in upstream.received)
+    time.sleep(0.1)  # the contract: another process knows within 100 ms
+    upstream.clear()
+    upstream.set_default(POOL_A, rate_limited(retry_after=20))
+    for _ in range(10):
+        assert chat(b)[0] == 200
+    assert {r.key for r in upstream.received} == {POOL_B}
+    info = keys(b)["key-a"]
+    assert info["state"] == "cooling"
+    assert 15 < info["cooldown_until"] - time.time() <= 20.5
+    # an admin enabling it through B gives it back to A too
+    assert admin(b, "PATCH", "/admin/keys/key-a", {"enabled": True})[0] == 200
+    assert wait_until(lambda: keys(a)["key-a"]["state"] == "active", 1)
+
+
+def test_ledger_totals_equal_client_requests_across_processes(upstream, daemon_factory, redis):
+    daemons = cluster(daemon_factory, upstream, redis, 3)
+    with ThreadPoolExecutor(8) as pool:
+        results = list(
+            pool.map(lambda i: chat(daemons[i % 3], (ALICE, LIMITED)[i % 2])[0], range(40))
+        )
+    # 20 for alice, 20 for limited of which 10 were refused: every request is one row
+    assert results.count(200) == 30 and results.count(429) == 10
+    for d in daemons:
+        assert wait_until(lambda d=d: usage_total(d) == 40, 5)
+        status, doc = admin(d, "GET", "/admin/usage")
+        by_account = {line["name"]: line for line in doc["data"]}
+        assert by_account["alice"]["requests"] == 20
+        assert by_account["limited"]["requests"] == 20
+    # the running totals every process shows come from the same ledger
+    listed = {a["name"]: a for a in admin(daemons[0], "GET", "/admin/accounts")[1]["data"]}
+    alice_id = listed["alice"]["id"]
+    for d in daemons:
+        assert wait_until(
+            lambda d=d: (
+                admin(d, "GET", f"/admin/accounts/{alice_id}")[1]["usage"]["requests"] == 20
+            ),
+            3,
+        )
+
+
+def test_redis_killed_and_restarted_loses_no_row_and_counts_none_twice(
+    upstream, daemon_factory, redis
+):
+    local = daemon_factory(config(upstream, redis.url, "local", "local"))
+    strict = daemon_factory(config(upstream, redis.url, "strict", "reject"))
+    ready(local)
+    ready(strict)
+    sent = 0
+    outage: list[tuple[str, int, str]] = []
+
+    def send(n: int, during_outage: bool = False) -> None:
+        nonlocal sent
+        for i in range(n):
+            d = (local, strict)[i % 2]
+            key = (ALICE, LIMITED)[(i // 2) % 2]
+            status, _, raw = chat(d, key)
+            sent += 1
+            if during_outage:
+                code = json.loads(raw)["error"]["code"] if status != 200 else ""
+                outage.append((d.config_path.parent.name, status, code))
+
+    send(12)
+    redis.kill()
+    time.sleep(0.3)
+    send(16, during_outage=True)
+    redis.start()
+    send(12)
+    # every request of the run is in the ledger once: none lost, none counted twice
+    for d in (local, strict):
+        assert wait_until(lambda d=d: usage_total(d) == sent, 15), (usage_total(d), sent)
+    time.sleep(0.5)
+    assert usage_total(local) == sent == 40
+    # while Redis was down: the "local" process served everyone on its own limits, the
+    # "reject" process refused the account with limits (503) and served the one without
+    assert {(s, c) for name, s, c in outage if name == local.config_path.parent.name} == {(200, "")}
+    strict_answers = {(s, c) for name, s, c in outage if name == strict.config_path.parent.name}
+    assert strict_answers == {(200, ""), (503, "state_unavailable")}
+    assert "spooling ledger rows" in local.output()
+
+
+def test_sqlite_state_migrates_into_redis(upstream, daemon_factory, redis, tmp_path):
+    single = daemon_factory(config(upstream, "sqlite:yugongd.db", "single"))
+    status, doc = admin(single, "POST", "/admin/accounts", {"name": "carol", "credit_usd": 10})
+    carol_key, carol = doc["key"], doc["id"]
+    status, _ = admin(
+        single,
+        "POST",
+        "/admin/keys",
+        {"upstream": "fake", "key": "sk-pool-cccccccccccc", "id": "c"},
+    )
+    assert status == 201
+    for i in range(7):
+        assert chat(single, (ALICE, carol_key)[i % 2])[0] == 200
+    assert chat(single, LIMITED)[0] == 200
+    assert single.stop() in (0, -signal.SIGTERM)
+    db = single.workdir / "yugongd.db"
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT COUNT(*), SUM(cost_usd) FROM ledger").fetchone()
+        accounts = {r[0] for r in conn.execute("SELECT id FROM accounts")}
+    assert rows[0] == 8
+
+    for _ in range(2):  # a second run copies nothing twice
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "yugongd.cli",
+                "migrate",
+                "--from",
+                f"sqlite:{db}",
+                "--to",
+                redis.url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+    assert "8 ledger rows (0 new, 8 already there)" in out.stdout
+
+    a, b = cluster(daemon_factory, upstream, redis, 2)
+    for d in (a, b):
+        listed = {x["id"]: x for x in admin(d, "GET", "/admin/accounts")[1]["data"]}
+        assert accounts <= set(listed)
+        assert listed[carol]["used_usd"] == 0.75  # three requests at $0.25
+        status, doc = admin(d, "GET", "/admin/usage")
+        assert doc["total"]["requests"] == rows[0]
+        assert doc["total"]["cost_usd"] == pytest.approx(rows[1])
+        assert "c" in keys(d)
+    for d in (a, b):
+        assert chat(d, carol_key)[0] == 200
+    # the copied spending counts against the credit across the cluster
+    status, doc = admin(a, "GET", f"/admin/accounts/{carol}")
+    assert wait_until(lambda: admin(b, "GET", f"/admin/accounts/{carol}")[1]["used_usd"] == 1.25)

@@ -513,6 +513,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("account", help="id or name")
     p.set_defaults(run=accounts_delete)
 
+    p = sub.add_parser(
+        "migrate",
+        help="copy a SQLite state (accounts, keys, ledger) into Redis, for cluster mode",
+        description="Copy the accounts, the keys added at runtime and every ledger row of a "
+        "SQLite state file into a Redis database, once, before starting processes with "
+        'state: "redis://…". Safe to run again: rows already copied are not copied twice. '
+        "Stop the daemon that uses the SQLite file first. Needs no admin token.",
+    )
+    p.add_argument("--from", dest="source", required=True, help="sqlite:PATH or PATH")
+    p.add_argument("--to", dest="target", required=True, help="redis://host:port/db")
+    p.set_defaults(run=None)
+
     p = sub.add_parser("usage", help="usage by account and model over a date range")
     p.add_argument("--since", help="start: ISO 8601 date or date-time, or unix seconds")
     p.add_argument("--until", help="end (exclusive): ISO 8601 date or date-time, or unix seconds")
@@ -526,6 +538,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     out = out if out is not None else sys.stdout
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "migrate":
+        return migrate(args.source, args.target, out)
     token = args.token or os.environ.get("YUGONGD_ADMIN_TOKEN", "").strip()
     if not token:
         return _fail("no admin token: set YUGONGD_ADMIN_TOKEN (or pass --token)", EXIT_USAGE)
@@ -537,6 +551,34 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def migrate(source: str, target: str, out: TextIO) -> int:
+    """``yugongd migrate --from sqlite:PATH --to redis://…``."""
+    from twisted.internet import task
+
+    from yugongd.config import parse_redis_url
+
+    path = source[len("sqlite:") :] if source.startswith("sqlite:") else source
+    if not os.path.isfile(path):
+        return _fail(f"migrate: {path}: no such SQLite file", EXIT_USAGE)
+    try:
+        parse_redis_url(target)
+    except ValueError as e:
+        return _fail(f"migrate: {e}", EXIT_USAGE)
+    result: list[int] = []
+
+    async def run(reactor: Any) -> None:
+        from yugongd.redisstate import migrate as copy
+
+        result.append(await copy(path, target, reactor, lambda line: print(line, file=out)))
+
+    try:
+        task.react(run)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            return _fail(f"migrate: could not copy {path} to {target}", EXIT_UNREACHABLE)
+    return result[0] if result else EXIT_UNREACHABLE
 
 
 def _fail(message: str, code: int) -> int:

@@ -320,19 +320,17 @@ class KeyPool:
     def apply_key_state(self, key_id: str, state: dict[str, Any]) -> bool:
         """Take a key state another process published (no listener call: no echo).
 
-        A cooldown only ever lengthens the local one, except that an enable (which clears
-        it) is taken as it is. Returns whether the key is known here.
+        The last announcement wins: each process announces its whole merged view of the
+        key (a cooldown there only ever lengthened what it knew), and an enable through
+        the admin API must clear a cooldown everywhere. Returns whether the key is known.
         """
         key = self.keys.get(key_id)
         if key is None:
             return False
         enabled = bool(state.get("enabled", True))
-        until = float(state.get("cooldown_until") or 0.0)
         if enabled and not key.enabled:
-            key.cooldown_until = until
             key.strikes = 0
-        else:
-            key.cooldown_until = max(key.cooldown_until, until)
+        key.cooldown_until = float(state.get("cooldown_until") or 0.0)
         key.enabled = enabled
         key.disabled_reason = state.get("reason") if not enabled else None
         key.last_error = state.get("last_error") or key.last_error

@@ -16,6 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from conftest import Daemon, free_port
 from fakeupstream import rate_limited
 from redis_fixtures import needs_redis, redis_fixture  # noqa: F401
 
@@ -49,8 +50,8 @@ accounts:
 """
 
 
-def config(upstream, state: str, instance: str, outage: str = "local") -> str:
-    return CONFIG.format(
+def config(upstream, state: str, instance: str, outage: str = "local", listen: str = "") -> str:
+    text = CONFIG.format(
         state=state,
         admin=ADMIN,
         instance=instance,
@@ -61,6 +62,12 @@ def config(upstream, state: str, instance: str, outage: str = "local") -> str:
         alice=ALICE,
         limited=LIMITED,
     )
+    if listen:
+        text = text.replace(
+            'listen: "tcp:{port}:interface=127.0.0.1"',
+            f'listen: ["tcp:{{port}}:interface=127.0.0.1", "{listen}"]',
+        )
+    return text
 
 
 def ready(daemon) -> None:
@@ -298,3 +305,19 @@ def test_sqlite_state_migrates_into_redis(upstream, daemon_factory, redis, tmp_p
     # the copied spending counts against the credit across the cluster
     status, doc = admin(a, "GET", f"/admin/accounts/{carol}")
     assert wait_until(lambda: admin(b, "GET", f"/admin/accounts/{carol}")[1]["used_usd"] == 1.25)
+
+
+def test_processes_share_one_port_with_reuseport(upstream, daemon_factory, redis):
+    shared = free_port()
+    listen = f"reuseport:{shared}:interface=127.0.0.1"
+    daemons = [daemon_factory(config(upstream, redis.url, f"r{i}", listen=listen)) for i in (0, 1)]
+    for d in daemons:
+        ready(d)
+    front = Daemon.__new__(Daemon)
+    front.url = f"http://127.0.0.1:{shared}"
+    for _ in range(24):
+        assert chat(front)[0] == 200
+    # the kernel spread the connections over both processes; the ledger is one
+    served = [sum(k["requests"] for k in keys(d).values()) for d in daemons]
+    assert sum(served) == 24 and min(served) > 0, served
+    assert wait_until(lambda: usage_total(daemons[1]) == 24, 5)

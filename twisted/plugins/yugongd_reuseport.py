@@ -1,0 +1,3 @@
+from yugongd.reuseport import ReusePortParser
+
+reuseport = ReusePortParser()

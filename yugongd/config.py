@@ -148,6 +148,12 @@ class AdminConfig:
 @frozen
 class LimitsConfig:
     max_body: int = 33554432
+    #: seconds a client connection may send nothing while no request is in progress
+    idle_timeout: float = 60.0
+    #: seconds from a request's first byte until its headers must be complete
+    header_timeout: float = 20.0
+    #: open client connections per listener; past it the longest-idle one is closed
+    max_connections: int = 4096
 
 
 @frozen
@@ -276,9 +282,18 @@ def parse_config(data: object, source: str, environ: Mapping[str, str] | None = 
 
     limits = LimitsConfig()
     if (v := top.get("limits")) is not None:
-        s = r.section(v, "limits", ("max_body",))
+        s = r.section(
+            v, "limits", ("max_body", "idle_timeout", "header_timeout", "max_connections")
+        )
         limits = LimitsConfig(
-            max_body=r.integer(s.get("max_body"), s.path("max_body"), 33554432, minimum=1)
+            max_body=r.integer(s.get("max_body"), s.path("max_body"), 33554432, minimum=1),
+            idle_timeout=r.number(s.get("idle_timeout"), s.path("idle_timeout"), 60.0, above=0),
+            header_timeout=r.number(
+                s.get("header_timeout"), s.path("header_timeout"), 20.0, above=0
+            ),
+            max_connections=r.integer(
+                s.get("max_connections"), s.path("max_connections"), 4096, minimum=1
+            ),
         )
 
     raw_upstreams = top.get("upstreams")

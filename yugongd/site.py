@@ -15,9 +15,10 @@ from urllib.parse import unquote_to_bytes
 
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import ConnectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import resource, server
+from twisted.web import http, resource, server
 
 from yugongd.errors import write_error
 from yugongd.model import Call, Denial, Outcome
@@ -88,26 +89,132 @@ class GatewayRequest(server.Request):
             self.content.write(data)
 
 
+_CLOSED = Failure(ConnectionDone())
+_REQUEST_TIMEOUT_RESPONSE = (
+    b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+)
+
+
+class GatewayChannel(http.HTTPChannel):
+    """One client connection, with two bounds twisted.web does not have.
+
+    - ``limits.header_timeout``: a request's line and headers must be complete within this
+      many seconds of its first byte (slowloris: the idle timeout alone is reset by every
+      byte, so a client sending a byte a minute would hold the connection forever).
+    - The connection registers with its site, which closes the longest-idle keep-alive
+      connection when ``limits.max_connections`` is reached.
+    """
+
+    _header_timer: Any = None
+    site: GatewaySite
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.site.connection_opened(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.line_mode and self._header_timer is None:
+            # the first bytes of a request (line mode = reading a request line or headers)
+            self._header_timer = self.callLater(
+                self.site.gateway.config.limits.header_timeout, self._headers_too_slow
+            )
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        self._cancel_header_timer()
+        self.site.connection_busy(self)
+        super().allHeadersReceived()
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            if self._header_timer.active():
+                self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        log.info(
+            "client {peer}: request headers not complete within {timeout}s; closing",
+            peer=str(self.transport.getPeer()) if self.transport is not None else "?",
+            timeout=f"{self.site.gateway.config.limits.header_timeout:g}",
+        )
+        self.transport.write(_REQUEST_TIMEOUT_RESPONSE)  # type: ignore[union-attr]
+        self.timeoutConnection()
+
+    def idle(self) -> bool:
+        """Between requests (a keep-alive connection waiting for the next one)."""
+        return not self.requests and self._header_timer is None
+
+    def connectionLost(self, reason: Failure = _CLOSED) -> None:
+        self._cancel_header_timer()
+        self.site.connection_closed(self)
+        super().connectionLost(reason)
+
+
+def _channel_factory(site: Any) -> Any:
+    # the wrapper twisted.web uses to switch to HTTP/2 when TLS negotiates it
+    return http._GenericHTTPChannelProtocol(GatewayChannel())
+
+
 class GatewaySite(server.Site):
-    """The ``Site`` of every listener; twisted.web's own access log is off (see the gateway's)."""
+    """The ``Site`` of every listener; twisted.web's own access log is off (see the gateway's).
+
+    It keeps its open connections, most recently busy last, to bound them by
+    ``limits.max_connections``; ``limits.idle_timeout`` closes a connection that sends
+    nothing for that long while no request is in progress.
+    """
 
     requestFactory = GatewayRequest
+    protocol = _channel_factory
     noisy = False
     displayTracebacks = False
 
-    def __init__(self, gateway: Gateway, timeout: float = 60.0) -> None:
+    def __init__(self, gateway: Gateway, timeout: float | None = None) -> None:
         # multipart uploads (audio) are forwarded as they are, never parsed into args
         super().__init__(
             GatewayResource(gateway),
-            timeout=timeout,
+            timeout=timeout if timeout is not None else gateway.config.limits.idle_timeout,
             reactor=gateway.reactor,
             parsePOSTFormSubmission=False,
         )
         self.gateway = gateway
+        #: open connections, in the order they were last busy (dict as an ordered set)
+        self.connections: dict[GatewayChannel, None] = {}
 
     @property
     def max_body(self) -> int:
         return self.gateway.config.limits.max_body
+
+    def buildProtocol(self, addr: Any) -> Any:
+        limits = self.gateway.config.limits
+        if len(self.connections) >= limits.max_connections:
+            idle = next((c for c in self.connections if c.idle()), None)
+            if idle is None:
+                log.warn(
+                    "{n} client connections open (limits.max_connections), none idle: "
+                    "refusing a new one",
+                    n=len(self.connections),
+                )
+                return None
+            # make room: the keep-alive connection idle the longest goes
+            del self.connections[idle]
+            if idle.transport is not None:
+                idle.transport.loseConnection()
+        protocol = super().buildProtocol(addr)
+        if protocol is not None:
+            protocol.timeOut = limits.idle_timeout
+        return protocol
+
+    def connection_opened(self, channel: GatewayChannel) -> None:
+        self.connections[channel] = None
+
+    def connection_busy(self, channel: GatewayChannel) -> None:
+        if channel in self.connections:
+            del self.connections[channel]
+            self.connections[channel] = None
+
+    def connection_closed(self, channel: GatewayChannel) -> None:
+        self.connections.pop(channel, None)
 
     def log(self, request: Any) -> None:
         pass

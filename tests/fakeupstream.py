@@ -18,6 +18,7 @@ Request headers understood by the fake:
 - ``x-fake-interval: S``   seconds to sleep after each content event (default 0)
 - ``x-fake-delay: S``      seconds to sleep before sending the response headers
 - ``x-fake-bytes: N``      /v1/audio/speech: a body of N zero bytes (progress in ``sent``)
+- ``x-fake-pad: N``        chat streams: each content event carries N more bytes ("pad")
 
 Fault behaviours (see :class:`Behaviour`): a reset before the headers or in the middle of
 the body, a hang before the headers or in the middle of a stream (the fake notices the
@@ -299,6 +300,7 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
+    request_queue_size = 1024  # many connections at once (the default backlog is 5)
 
     def __init__(self, address: tuple[str, int], fake: FakeUpstream) -> None:
         self.fake = fake
@@ -683,7 +685,15 @@ class _Handler(BaseHTTPRequestHandler):
             return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
 
         head = [chunk(choice({"role": "assistant", "content": "", "refusal": None}))]
-        content = (chunk(choice({"content": piece})) for piece in split_text(reply, n))
+        pad = int(_float(headers.get("x-fake-pad")))
+        if pad > 0:
+            padding = "x" * pad
+            content = (
+                chunk(choice({"content": piece}))[:-3] + b', "pad": "%s"}\n\n' % padding.encode()
+                for piece in split_text(reply, n)
+            )
+        else:
+            content = (chunk(choice({"content": piece})) for piece in split_text(reply, n))
         tail = [chunk(choice({}, "stop"))]
         if include_usage:
             tail.append(chunk([], usage))

@@ -67,6 +67,10 @@ def test_cluster_section_defaults_and_values() -> None:
         ),
         ({"state": "redis://:6379/0"}, "y.yaml: state: expected 'redis://host:port/db', got"),
         ({"state": "redis://h:port/0"}, "y.yaml: state: invalid port in 'redis://h:port/0'"),
+        (  # never the password
+            {"state": "redis://:s3cret@h:port/0"},
+            "y.yaml: state: invalid port in 'redis://:…@h:port/0'",
+        ),
     ],
 )
 def test_cluster_config_errors(extra: dict[str, object], message: str) -> None:

@@ -212,17 +212,19 @@ def parse_redis_url(url: str) -> tuple[str, int, int, str | None]:
     :raises ValueError: with a message that says what is wrong.
     """
     parts = urlsplit(url)
+    # the password never appears in a message
+    shown = url.replace(f":{parts.password}@", ":…@") if parts.password else url
     if parts.scheme != "redis" or not parts.hostname:
-        raise ValueError(f"expected 'redis://host:port/db', got {url!r}")
+        raise ValueError(f"expected 'redis://host:port/db', got {shown!r}")
     try:
         port = parts.port or 6379
     except ValueError:
-        raise ValueError(f"invalid port in {url!r}") from None
+        raise ValueError(f"invalid port in {shown!r}") from None
     db_text = parts.path.strip("/") or "0"
     if not db_text.isdigit():
-        raise ValueError(f"the database in {url!r} must be a number, like redis://host:6379/0")
+        raise ValueError(f"the database in {shown!r} must be a number, like redis://host:6379/0")
     if parts.query or parts.fragment:
-        raise ValueError(f"no query or fragment expected in {url!r}")
+        raise ValueError(f"no query or fragment expected in {shown!r}")
     return parts.hostname, port, int(db_text), parts.password
 
 

@@ -40,6 +40,7 @@ import attrs
 import txredisapi
 from twisted.internet import defer, task
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from yugongd.config import ClusterConfig, parse_redis_url
 from yugongd.model import Account
@@ -480,7 +481,9 @@ class RedisState:
         self._events: Any = None
         self._seq = 0
         self._queue: list[tuple[str, int, str]] = []
-        self._ops: list[tuple[str, list[str], list[str]]] = []
+        #: announcements not yet in Redis, oldest first; one per (kind, id): only the
+        #: latest state of a key, account or budget matters
+        self._ops: dict[tuple[str, str], tuple[str, list[str], list[str]]] = {}
         self._flushing: defer.Deferred[None] | None = None
         self._waiters: list[defer.Deferred[None]] = []
         self._loop: task.LoopingCall | None = None
@@ -545,10 +548,22 @@ class RedisState:
     @defer.inlineCallbacks
     def open(self) -> Any:
         self._connect()
-        try:
-            yield self.redis._connected.addTimeout(max(5.0, self.timeout * 5), self.reactor)
-        except Exception as e:
-            raise RuntimeError(f"{self.url}: cannot reach Redis: {e}") from None
+        outcome: list[Any] = []
+        self.redis._connected.addBoth(outcome.append)
+        ticks = 0
+        while not outcome:
+            # a process started before Redis comes up when Redis does; until then it
+            # knows no account and refuses every request (see the accounts plugin)
+            yield task.deferLater(self.reactor, 0.1, lambda: None)
+            ticks += 1
+            if ticks % 50 == 0:
+                log.warn(
+                    "redis: waiting for {where} before loading the state ({s}s)",
+                    where=f"{self.host}:{self.port}",
+                    s=ticks // 10,
+                )
+        if isinstance(outcome[0], Failure):
+            raise RuntimeError(f"redis: cannot connect: {outcome[0].getErrorMessage()}")
         raw_accounts = yield self._call(self.redis.hgetall(PREFIX + "accounts"))
         raw_keys = yield self._call(self.redis.hgetall(PREFIX + "keys"))
         totals = yield self.fetch_totals()
@@ -616,11 +631,14 @@ class RedisState:
     def _announce(self, kind: str, ident: str, hash_name: str | None, value: Any) -> None:
         text = value if isinstance(value, str) or value is None else json.dumps(value)
         message = json.dumps({"t": kind, "id": ident, "v": value, "from": self.boot})
+        self._ops.pop((kind, ident), None)
         if hash_name is None:
-            self._ops.append(("publish", [self.channel], [message]))
+            self._ops[(kind, ident)] = ("publish", [self.channel], [message])
         else:
-            self._ops.append(
-                ("announce", [PREFIX + hash_name], [ident, text or "", self.channel, message])
+            self._ops[(kind, ident)] = (
+                "announce",
+                [PREFIX + hash_name],
+                [ident, text or "", self.channel, message],
             )
         self._kick()
 
@@ -733,7 +751,9 @@ class RedisState:
         while self._ops:
             if not self.up:
                 break
-            kind, keys, args = self._ops[0]
+            ident = next(iter(self._ops))
+            op = self._ops[ident]
+            kind, keys, args = op
             try:
                 if kind == "publish":
                     await self._call(self.redis.publish(keys[0], args[0]))
@@ -742,7 +762,8 @@ class RedisState:
             except Exception as e:
                 self._went_down(e)
                 break
-            self._ops.pop(0)
+            if self._ops.get(ident) is op:
+                del self._ops[ident]
         while self.spool or self._queue:
             if not self.up:
                 self._went_down(None)

@@ -141,6 +141,18 @@ class GatewayChannel(http.HTTPChannel):
         self.transport.write(_REQUEST_TIMEOUT_RESPONSE)  # type: ignore[union-attr]
         self.timeoutConnection()
 
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """A request line or one header line over 16 kB: say which (LineReceiver would
+        close the connection without a word)."""
+        if self.requests:
+            status = b"431 Request Header Fields Too Large"
+        else:
+            status = b"414 URI Too Long"
+        self.transport.write(  # type: ignore[union-attr]
+            b"HTTP/1.1 " + status + b"\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+        )
+        self.loseConnection()
+
     def idle(self) -> bool:
         """Between requests (a keep-alive connection waiting for the next one)."""
         return not self.requests and self._header_timer is None

@@ -260,7 +260,8 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
         if where is not None:
             return f"{problem} (line {where.line + 1}, column {where.column + 1})"
         return problem
-    return str(e)
+    # e.g. a ReaderError (a control character) spans lines: the error is one line
+    return " ".join(str(e).split())
 
 
 def parse_config(data: object, source: str, environ: Mapping[str, str] | None = None) -> Config:

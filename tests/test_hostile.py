@@ -122,3 +122,95 @@ def test_crlf_in_a_forwarded_header_value_cannot_split_the_upstream_request():
         for name, values in headers.getAllRawHeaders():
             assert name.lower() != b"injected"
             assert all(b"\r" not in v and b"\n" not in v for v in values)
+
+
+# -- oversized and non-UTF-8 input, in memory ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /v1/models?" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: gw\r\n\r\n",
+        b"GET /v1/models HTTP/1.1\r\nHost: gw\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n",
+        b"GET /v1/models HTTP/1.1\r\nHost: gw\r\n"
+        + b"".join(b"X-H%d: v\r\n" % i for i in range(600))
+        + b"\r\n",
+        b"GET /v1/models HTTP/1.1\r\nHost: gw\r\n"
+        + b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 1000) for i in range(20))
+        + b"\r\n",
+    ],
+    ids=["long-url", "long-header", "many-headers", "headers-over-16k"],
+)
+def test_oversized_request_heads_are_refused_and_closed(request_bytes, request):
+    gw, clock, agent = make_gateway()
+    c = Client(gw)
+    c.proto.dataReceived(request_bytes)
+    status = {"long-url": b"414 ", "long-header": b"431 "}.get(request.node.callspec.id, b"400 ")
+    assert c.transport.value().startswith(b"HTTP/1.1 " + status)
+    assert c.transport.disconnecting
+    assert not agent.calls
+
+
+@pytest.mark.parametrize(
+    "auth",
+    [b"Bearer \xff\xfe\xfd", b"Bearer sk-\x80\x81", b"\xff\xff", b"Bearer " + "ключ".encode()],
+)
+def test_non_utf8_keys_get_the_same_401(auth):
+    gw, clock, agent = make_gateway()
+    gw.apply_config(
+        type(gw.config)(
+            source="<test>",
+            upstreams=gw.config.upstreams,
+            accounts=(AccountConfig(name="a", key="sk-real-account-key-000001"),),
+        )
+    )
+    body = json.dumps(CHAT).encode()
+    status, _, out = raw(
+        Client(gw), post(b"/v1/chat/completions", body, b"Authorization: " + auth + b"\r\n")
+    )
+    assert status == 401 and json.loads(out)["error"]["code"] == "invalid_api_key"
+    assert not agent.calls
+
+
+def test_non_utf8_bytes_in_the_path_do_not_break_the_router():
+    gw, clock, agent = make_gateway()
+    status, _, out = raw(Client(gw), post(b"/admin/\xff\xfe", b"{}"))
+    assert status in (400, 404) and b"key" not in out
+    status, _, out = raw(Client(gw), post(b"/v1/chat/completions\xc3\x28", b"{}"))
+    assert status in (400, 404)
+    assert not agent.calls
+
+
+def test_a_multipart_model_that_is_not_utf8_is_forwarded():
+    gw, clock, agent = make_gateway()
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-\xff\r\n'
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.mp3"\r\n\r\n\x00\x01\r\n'
+        b"--b--\r\n"
+    )
+    c = Client(gw)
+    c.proto.dataReceived(
+        b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: gw\r\n"
+        b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
+    assert len(agent.calls) == 1 and agent.calls[0][3] == body
+
+
+def test_secrets_are_compared_in_constant_time():
+    """The admin token and account keys go through hmac.compare_digest, never ``==``."""
+    import inspect
+    import re
+    from pathlib import Path
+
+    from yugongd.accounts import AccountStore
+    from yugongd.admin import AdminAPI
+
+    assert "hmac.compare_digest(" in inspect.getsource(AdminAPI.authorized)
+    assert "hmac.compare_digest(" in inspect.getsource(AccountStore.lookup)
+    core = Path(__file__).resolve().parent.parent / "yugongd"
+    for path in core.rglob("*.py"):
+        for line in path.read_text().splitlines():
+            assert not re.search(r"(token|key_hash|digest)\s*[!=]=\s*\w", line), (path, line)

@@ -183,7 +183,7 @@ class SSEUsageScanner:
             return data[:cut] + rest if self.strip_usage else data
         if self._parts:
             # an event end can only be in the new bytes, or straddle the boundary
-            if _EVENT_END.search(self._parts[-1][-3:] + data) is None:
+            if _EVENT_END.search(b"".join(self._parts[-3:])[-3:] + data) is None:
                 self._parts.append(data)
                 self._size += len(data)
                 if self._size > self.max_event:

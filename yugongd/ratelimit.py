@@ -77,7 +77,7 @@ def parse_int(text: str | bytes | None) -> int | None:
         return None
     try:
         return max(0, int(float(text)))
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: "inf", "1e999"
         return None
 
 

@@ -151,9 +151,11 @@ def test_admission_counts_windows_and_reserves_credit_atomically(redis: RedisSer
 
     def admit(now: float, uid: str, credit: str = "1.0") -> list:
         # rpm 2, tpm 100, 30 tokens, credit $1, expected cost $0.4
-        answer = redis.command("EVAL", ADMIT, 4, *keys, now, "a", 2, 100, 30, credit, 0.4, uid, 900)
-        assert isinstance(answer, list)
-        return answer
+        packed = f"{now} a 2 100 30 {credit} 0.4 {uid} 900"
+        answer = redis.command("EVAL", ADMIT, 4, *keys, packed)
+        assert isinstance(answer, str)
+        verdict, retry, rused, rreset, tused, treset, sec = answer.split()
+        return [verdict, retry, int(rused), rreset, int(tused), treset, int(sec)]
 
     assert admit(100.0, "u1")[0] == "ok"
     assert admit(100.5, "u2")[0] == "ok"
@@ -164,4 +166,12 @@ def test_admission_counts_windows_and_reserves_credit_atomically(redis: RedisSer
     assert admit(161.0, "u3")[0] == "ok"
     assert admit(161.5, "u4")[0] == "credit"  # 0.8 + 0.4 reserved >= 1.0
     held = redis.command("HGETALL", PREFIX + "held:a")
-    assert isinstance(held, list) and sorted(held[::2]) == ["u1", "u2", "u3"]
+    assert isinstance(held, list)
+    fields = dict(zip(held[::2], held[1::2], strict=True))
+    assert sorted(f for f in fields if not f.startswith("_")) == ["u1", "u2", "u3"]
+    assert float(fields["_s"]) == pytest.approx(1.2) and fields["_n"] == "3"
+    # settling u1 (through the ledger script) gives its $0.4 back
+    assert ledger(redis, "p.9", [(1, settle_item("a", "u1", 0.3, None, 0))]) == 1
+    assert admit(162.0, "u5")[0] == "credit"  # 0.3 spent + 0.8 held >= 1.0
+    assert ledger(redis, "p.9", [(2, settle_item("a", "u2", 0.1, None, 0))]) == 1
+    assert admit(162.5, "u6")[0] == "ok"  # 0.4 spent + 0.4 held < 1.0

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import Daemon, free_port
-from fakeupstream import rate_limited
+from fakeupstream import Behaviour, rate_limited
 from redis_fixtures import needs_redis, redis_fixture  # noqa: F401
 
 pytestmark = needs_redis
@@ -165,6 +165,13 @@ def test_key_cooled_down_by_one_process_gets_no_traffic_from_another(
 ):
     a, b = cluster(daemon_factory, upstream, redis, 2)
     upstream.set_default(POOL_A, rate_limited(retry_after=20))
+    learned = {
+        "x-ratelimit-limit-requests": "5000",
+        "x-ratelimit-remaining-requests": "1234",
+        "x-ratelimit-reset-requests": "1m",
+    }
+    upstream.set_default(POOL_B, Behaviour(headers=learned))
+    assert keys(b)["key-b"]["remaining_requests"] is None  # nothing learned yet
     # through A until key-a has met its 429 (A fails over to key-b: the client sees 200)
     for _ in range(4):
         assert chat(a)[0] == 200
@@ -172,6 +179,8 @@ def test_key_cooled_down_by_one_process_gets_no_traffic_from_another(
             break
     assert any(r.key == POOL_A for r in upstream.received)
     time.sleep(0.1)  # the contract: another process knows within 100 ms
+    # what A learned of key-b's organisation from the headers, B knows without asking
+    assert 1200 <= keys(b)["key-b"]["remaining_requests"] <= 1300
     upstream.clear()
     upstream.set_default(POOL_A, rate_limited(retry_after=20))
     for _ in range(10):

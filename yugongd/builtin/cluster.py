@@ -205,8 +205,9 @@ class ClusterPlugin:
             states = yield self.state.key_states()
             for key_id, state in states.items():
                 self.gateway.pool.apply_key_state(key_id, state)
-            raw_accounts = yield self.state.redis.hgetall(self.state_key("accounts"))
-            raw_keys = yield self.state.redis.hgetall(self.state_key("keys"))
+            redis = self.state.redis
+            raw_accounts = yield self.state._call(redis.hgetall(self.state_key("accounts")))
+            raw_keys = yield self.state._call(redis.hgetall(self.state_key("keys")))
         except Exception:
             log.failure("cluster: could not read the shared state")
             return

@@ -330,3 +330,30 @@ def test_processes_share_one_port_with_reuseport(upstream, daemon_factory, redis
     served = [sum(k["requests"] for k in keys(d).values()) for d in daemons]
     assert sum(served) == 24 and min(served) > 0, served
     assert wait_until(lambda: usage_total(daemons[1]) == 24, 5)
+
+
+def test_rows_spooled_by_a_stopped_process_are_replayed_by_the_next(
+    upstream, daemon_factory, redis, tmp_path
+):
+    # the two processes share a spool directory, as the processes of one host do
+    spool = tmp_path / "spool"
+    spool.mkdir()
+
+    def cfg(instance: str) -> str:
+        text = config(upstream, redis.url, instance)
+        return text.replace("timeout: 0.5}", f'timeout: 0.5, spool_dir: "{spool}"}}')
+
+    first = daemon_factory(cfg("first"))
+    ready(first)
+    assert chat(first)[0] == 200
+    redis.kill()
+    time.sleep(0.2)
+    for _ in range(5):
+        assert chat(first)[0] == 200  # served on local state, rows spooled
+    assert first.stop() in (0, -signal.SIGTERM)
+    assert [p.name.startswith("yugongd-spool-first") for p in spool.iterdir()] == [True]
+    redis.start()
+    second = daemon_factory(cfg("second"))
+    ready(second)
+    assert wait_until(lambda: usage_total(second) == 6, 10), usage_total(second)
+    assert wait_until(lambda: not list(spool.iterdir()), 5)

@@ -208,6 +208,15 @@ def test_ledger_totals_equal_client_requests_across_processes(upstream, daemon_f
         by_account = {line["name"]: line for line in doc["data"]}
         assert by_account["alice"]["requests"] == 20
         assert by_account["limited"]["requests"] == 20
+    # over whole days the totals come from the per-day sums, over any other period from
+    # the rows of the stream: both agree, on every process
+    since = time.time() - 3600
+    for d in daemons:
+        status, doc = admin(d, "GET", f"/admin/usage?since={since}")
+        assert status == 200 and doc["total"]["requests"] == 40
+        assert doc["total"]["cost_usd"] == pytest.approx(30 * 0.25)
+        status, _, raw = d.get("/v1/dashboard/billing/usage", token=ALICE)
+        assert status == 200 and json.loads(raw)["total_usage"] == pytest.approx(20 * 25)
     # the running totals every process shows come from the same ledger
     listed = {a["name"]: a for a in admin(daemons[0], "GET", "/admin/accounts")[1]["data"]}
     alice_id = listed["alice"]["id"]

@@ -62,6 +62,9 @@ HOLD_TTL = 900
 SCAN_CHUNK = 5000
 #: a row's stream id is at most this much earlier than its time (clock skew between hosts)
 SKEW = 300.0
+DAY = 86400
+#: the fields of a day's totals: requests, prompt and completion tokens, cost, estimated
+_METRICS = {"r": 0, "p": 1, "o": 2, "c": 3, "e": 4}
 
 #: Account admission: rate windows and credit in one atomic step.
 #: KEYS: rpm window, tpm window, held, spent.
@@ -233,6 +236,20 @@ for i = 3, #ARGV do
       redis.call('HINCRBY', KEYS[3], a .. '|prompt_tokens', item.p)
       redis.call('HINCRBY', KEYS[3], a .. '|completion_tokens', item.o)
       redis.call('HINCRBYFLOAT', KEYS[3], a .. '|cost_usd', item.c)
+      -- the day's totals per account and model: usage and billing queries over whole days
+      -- read these instead of the stream
+      local day = math.floor(item.t / 86400) * 86400
+      local m = '-'
+      if type(item.m) == 'string' then m = '=' .. item.m end
+      local daily = ARGV[1] .. 'daily:' .. day .. ':' .. a
+      redis.call('HINCRBY', daily, m .. '\tr', 1)
+      redis.call('HINCRBY', daily, m .. '\tp', item.p)
+      redis.call('HINCRBY', daily, m .. '\to', item.o)
+      redis.call('HINCRBYFLOAT', daily, m .. '\tc', item.c)
+      if item.e then redis.call('HINCRBY', daily, m .. '\te', 1) end
+      redis.call('ZADD', ARGV[1] .. 'days:' .. a, day, day)
+      redis.call('ZADD', ARGV[1] .. 'days', day, day)
+      redis.call('SADD', ARGV[1] .. 'dayaccounts:' .. day, a)
     else
       if item.u ~= '' then
         local held = ARGV[1] .. 'held:' .. a
@@ -942,9 +959,57 @@ class RedisState:
     def summarize(
         self, account_id: str | None, since: float | None, until: float | None, by_day: bool
     ) -> defer.Deferred[list[UsageLine]]:
-        """Ledger totals per account and model, read from the stream (exact: every row
-        of every process is there once)."""
+        """Ledger totals per account and model (exact: every row of every process is
+        counted once). Over whole UTC days (the billing endpoints, ``/admin/usage``
+        without ``since``/``until`` or with dates) they are read from the per-day totals
+        the ledger script keeps; otherwise the rows are read from the stream."""
+        if all(t is None or t % DAY == 0 for t in (since, until)):
+            return defer.ensureDeferred(self._summarize_days(account_id, since, until, by_day))
         return self.query(account_id, since, until).addCallback(summarize_rows, by_day)
+
+    async def _summarize_days(
+        self, account_id: str | None, since: float | None, until: float | None, by_day: bool
+    ) -> list[UsageLine]:
+        try:
+            await self.flush()
+        except Exception:
+            pass
+        r = self.redis
+        low = "-inf" if since is None else str(int(since))
+        high = "+inf" if until is None else f"({int(until)}"
+        pairs: list[tuple[int, str]] = []
+        if account_id is not None:
+            days = await self._call(
+                r.execute_command("ZRANGEBYSCORE", PREFIX + "days:" + account_id, low, high)
+            )
+            pairs = [(int(d), account_id) for d in days]
+        else:
+            days = await self._call(r.execute_command("ZRANGEBYSCORE", PREFIX + "days", low, high))
+            members = await defer.gatherResults(
+                [self._call(r.smembers(f"{PREFIX}dayaccounts:{d}")) for d in days],
+                consumeErrors=True,
+            )
+            pairs = [
+                (int(d), a) for d, accounts in zip(days, members, strict=True) for a in accounts
+            ]
+        tables = await defer.gatherResults(
+            [self._call(r.hgetall(f"{PREFIX}daily:{d}:{a}")) for d, a in pairs],
+            consumeErrors=True,
+        )
+        groups: dict[tuple[str, str | None, int | None], list[float]] = {}
+        for (day, account), table in zip(pairs, tables, strict=True):
+            for name, value in table.items():
+                model_field, _, metric = name.rpartition("\t")
+                model = None if model_field == "-" else model_field[1:]
+                key = (account, model, day if by_day else None)
+                t = groups.setdefault(key, [0, 0, 0, 0.0, 0])
+                t[_METRICS[metric]] += float(value)
+        lines = [
+            UsageLine(a, m, d, int(t[0]), int(t[1]), int(t[2]), t[3], int(t[4]))
+            for (a, m, d), t in groups.items()
+        ]
+        lines.sort(key=lambda u: (u.day or 0, u.account_id, u.model or ""))
+        return lines
 
     # -- closing -------------------------------------------------------------------------
 

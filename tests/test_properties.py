@@ -15,7 +15,14 @@ from yugongd.config import ConfigError, load_config, parse_config
 from yugongd.ratelimit import parse_duration, parse_int, parse_retry_after
 from yugongd.usage import SSEUsageScanner
 
-FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+#: derandomized: the same examples on every run, so the suite cannot fail by chance (a
+#: failing example found while writing a test is fixed, not left for the next run to meet)
+FAST = settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 # -- the SSE usage scanner ------------------------------------------------------------------
 
@@ -203,7 +210,6 @@ scalars = st.one_of(
     st.integers(-(10**6), 10**6),
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=20),
-    st.just(SECRET),
 )
 values = st.recursive(
     scalars,
@@ -232,7 +238,9 @@ known = st.sampled_from(
 
 @st.composite
 def near_configs(draw: Any) -> dict[str, Any]:
-    """A valid config with some sections replaced by arbitrary values."""
+    """A valid config whose secrets (pool key, admin token, account key) stay put while
+    other sections are replaced by arbitrary values: an error about those must not echo
+    a secret."""
     config: dict[str, Any] = {
         "upstreams": [
             {
@@ -275,7 +283,7 @@ def test_any_yaml_document_is_accepted_or_refused_cleanly(data):
         assert "\n" not in str(e) and str(e).startswith("any.yaml")
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(st.binary(max_size=300))
 def test_a_file_of_random_bytes_is_refused_in_one_line(tmp_path_factory, data):
     path = tmp_path_factory.mktemp("cfg") / "random.yaml"

@@ -31,7 +31,7 @@ from typing import Any
 
 import httptools
 from twisted.internet import defer
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -120,18 +120,28 @@ class _BodyTransport:
     def pauseProducing(self) -> None:
         t = self._transport()
         if t is not None:
+            self._conn.paused = True
             t.pauseProducing()
 
     def resumeProducing(self) -> None:
         t = self._transport()
         if t is not None:
+            self._conn.paused = False
             t.resumeProducing()
 
     def stopProducing(self) -> None:
-        """The body's reader wants no more: drop the connection (it cannot be reused)."""
-        t = self._transport()
-        if t is not None:
-            t.abortConnection()
+        """The body's reader wants no more: drop the connection (it cannot be reused).
+        The reader gets no more data and its ``connectionLost`` (``ResponseFailed``) now,
+        before this returns: ``readBody``'s canceller needs that, or the protocol would
+        fire the cancelled Deferred again when the connection is gone."""
+        conn = self._conn
+        if self._transport() is not None:
+            conn.abort()
+            conn.response = None
+            conn.response_open = False
+            self._response._stop(
+                Failure(client.ResponseFailed([Failure(ConnectionAborted("stopProducing"))]))
+            )
 
     abortConnection = stopProducing  # client.readBody's canceller uses this name
 
@@ -151,6 +161,9 @@ class Response:
         "_protocol",
         "_buffer",
         "_end",
+        "_delivering",
+        "_lost",
+        "_stopped",
     )
 
     def __init__(self, conn: _Connection, code: int, phrase: bytes, headers: ResponseHeaders):
@@ -171,33 +184,50 @@ class Response:
         self._protocol: Any = None
         self._buffer: list[bytes] | None = []
         self._end: Failure | None = None
+        self._delivering = False
+        self._lost = False  # the protocol's connectionLost was called
+        self._stopped = False  # its reader called stopProducing
 
     def deliverBody(self, protocol: Any) -> None:
         if self._protocol is not None:
             raise RuntimeError("the response body was already delivered")
         self._protocol = protocol
-        protocol.makeConnection(_BodyTransport(self._conn, self))
-        buffered, self._buffer = self._buffer, None
-        if buffered:
-            for data in buffered:
-                protocol.dataReceived(data)
-        if self._end is not None:
+        self._delivering = True
+        try:
+            protocol.makeConnection(_BodyTransport(self._conn, self))
+            buffered, self._buffer = self._buffer, None
+            if buffered:
+                for data in buffered:
+                    if self._stopped:
+                        break
+                    protocol.dataReceived(data)
+        finally:
+            self._delivering = False
+        if self._end is not None and not self._lost:
+            self._lost = True
             protocol.connectionLost(self._end)
 
     def setPreviousResponse(self, response: Any) -> None:
         self.previousResponse = response
 
     def _data(self, data: bytes) -> None:
+        if self._stopped:
+            return
         if self._protocol is not None:
             self._protocol.dataReceived(data)
         elif self._buffer is not None:
             self._buffer.append(data)
 
+    def _stop(self, reason: Failure) -> None:
+        self._stopped = True
+        self._finish(reason)
+
     def _finish(self, reason: Failure) -> None:
         if self._end is not None:
             return
         self._end = reason
-        if self._protocol is not None:
+        if self._protocol is not None and not self._delivering:
+            self._lost = True
             self._protocol.connectionLost(reason)
 
 
@@ -222,6 +252,14 @@ class _Connection(Protocol):
         self.uses = 0
         self.connected_ = False
         self.retry: tuple[Any, ...] | None = None
+        #: our side dropped the connection (cancel, stopProducing, close, bad response):
+        #: nothing more is parsed or delivered, and it is never reused or retried
+        self.aborted = False
+        #: a body reader paused the transport; undone before the connection is reused
+        self.paused = False
+        #: status line and header bytes of the current response (see MAX_HEAD_BYTES)
+        self.head_size = 0
+        self.head_too_large = False
 
     # -- the transport --------------------------------------------------------------------
 
@@ -242,6 +280,8 @@ class _Connection(Protocol):
         self.phrase = b""
         self.got_bytes = False
         self.head_bytes = 0
+        self.head_size = 0
+        self.head_too_large = False
         self.message_done = False
         self.keep_alive = False
         self.head_only = method == b"HEAD"
@@ -253,23 +293,30 @@ class _Connection(Protocol):
             self.transport.write(head)
 
     def dataReceived(self, data: bytes) -> None:
+        if self.aborted:
+            return
         if self.parser is None:
             # bytes while idle: the server broke the protocol; this connection is done
             self.abort()
             return
         self.got_bytes = True
-        if self.response is None:
-            self.head_bytes += len(data)
-            if self.head_bytes > MAX_HEAD_BYTES:
-                self._fail(Failure(ResponseHeadTooLarge(f"response headers over {MAX_HEAD_BYTES}")))
-                self.abort()
-                return
+        waiting = self.response is None
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             pass
         except httptools.HttpParserError as e:
-            self._fail(Failure(client.ResponseFailed([Failure(e)])))
+            if not self.aborted:
+                self._fail(Failure(client.ResponseFailed([Failure(e)])))
+                self.abort()
+            return
+        if waiting and self.response is None and not self.aborted:
+            # still in the head: every byte so far was head (bounds what llhttp buffers)
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self.head_too_large = True
+        if self.head_too_large:
+            self._fail(Failure(ResponseHeadTooLarge(f"response headers over {MAX_HEAD_BYTES}")))
             self.abort()
             return
         if self.message_done:
@@ -304,6 +351,8 @@ class _Connection(Protocol):
         self.parser = None
 
     def abort(self) -> None:
+        self.aborted = True
+        self.retry = None
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
@@ -321,11 +370,19 @@ class _Connection(Protocol):
 
     def on_status(self, status: bytes) -> None:
         self.phrase += status
+        self.head_size += len(status) + 15
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name.lower(), value))
+        self.head_size += len(name) + len(value) + 4
 
     def on_headers_complete(self) -> None:
+        if self.aborted or self.head_too_large:
+            return
+        if self.head_size > MAX_HEAD_BYTES:
+            # (dataReceived fails the request once llhttp returns)
+            self.head_too_large = True
+            return
         code = self.parser.get_status_code()
         if 100 <= code < 200:  # an interim response: the real one follows
             self.headers = []
@@ -341,6 +398,8 @@ class _Connection(Protocol):
         self.response = response
         self.response_open = True
         d, self.d = self.d, None
+        if self.head_only or code == 204 or code == 304:
+            response.length = 0
         if self.head_only:
             self.message_done = True
         if d is not None:
@@ -349,11 +408,12 @@ class _Connection(Protocol):
     headers_have_length = True
 
     def on_body(self, data: bytes) -> None:
-        if self.response is not None:
+        # (a HEAD response's message is done with its head; bytes after it are not its body)
+        if self.response is not None and not self.message_done and not self.aborted:
             self.response._data(data)
 
     def on_message_complete(self) -> None:
-        if self.response is not None:
+        if self.response is not None and not self.message_done and not self.aborted:
             self.message_done = True
             # (llhttp forgets this once the callback returns)
             self.keep_alive = self.parser.should_keep_alive()
@@ -366,10 +426,15 @@ class _Connection(Protocol):
             and self.keep_alive
             and self.transport is not None
             and self.connected_
+            and not self.aborted
         )
         self.parser = None
         self.message_done = False
         if keep:
+            if self.paused:
+                # the reader paused on the last bytes; the next request needs reading
+                self.paused = False
+                self.transport.resumeProducing()  # type: ignore[union-attr]
             self.owner._release(self)
         elif self.transport is not None:
             self.transport.loseConnection()
@@ -474,7 +539,7 @@ class HTTPClient:
             if conn.idle_call is not None and conn.idle_call.active():
                 conn.idle_call.cancel()
             conn.idle_call = None
-            if conn.connected_ and conn.transport is not None:
+            if conn.connected_ and conn.transport is not None and not conn.aborted:
                 holder[0] = conn
                 conn.retry = (key, connect_timeout, method, head, body, holder)
                 conn.send(method, head, body, d)

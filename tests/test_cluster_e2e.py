@@ -120,11 +120,13 @@ def test_rpm_holds_across_processes(upstream, daemon_factory, redis):
     assert int(headers["retry-after"]) >= 1
     assert headers["x-ratelimit-limit-requests"] == "10"
     assert headers["x-ratelimit-remaining-requests"] == "0"
-    # every process tells who it is in /metrics
+    # every process tells who it is in /metrics and /healthz
     for i, d in enumerate(daemons):
         status, _, raw = d.request("GET", "/metrics", token=ADMIN)
         assert f'yugongd_instance_info{{boot="p{i}.' in raw.decode()
         assert "yugongd_redis_up 1.0" in raw.decode()
+        status, _, raw = d.get("/healthz")
+        assert status == 200 and json.loads(raw)["instance"] == f"p{i}"
 
 
 def test_credit_holds_across_processes_under_concurrency(upstream, daemon_factory, redis):

@@ -235,6 +235,10 @@ class Gateway:
         return "Incorrect API key provided. Use the key of a yugongd account."
 
     def healthz(self, request: server.Request) -> Any:
-        body = json.dumps({"status": "ok", "keys": self.pool.counts()}).encode()
+        doc: dict[str, Any] = {"status": "ok", "keys": self.pool.counts()}
+        instance = getattr(self.state, "instance", None)
+        if instance is not None:  # cluster mode: which process answered
+            doc["instance"] = instance
+        body = json.dumps(doc).encode()
         write_json(request, 200, body)
         return server.NOT_DONE_YET

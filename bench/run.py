@@ -99,11 +99,12 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
-def rss_peak_mb(pid: int) -> float | None:
+def rss_peak_mb(pid: int, field: str = "VmHWM") -> float | None:
+    """Peak resident memory of ``pid`` in MB (``field="VmRSS"``: the current one)."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024.0
     except (OSError, ValueError):
         pass
@@ -257,6 +258,10 @@ class Runner:
             b, a = before[n], cpu_seconds(p)
             if a is not None and b is not None and wall > 0:
                 res[f"cpu_{n}"] = 100.0 * (a - b) / wall
+                res[f"cpu_s_{n}"] = a - b
+            rss = rss_peak_mb(p, "VmRSS")
+            if rss is not None:
+                res[f"rss_end_{n}_mb"] = rss
         self.raw.append({"target": target.name, "phase": label, **res})
         return res
 
@@ -270,10 +275,10 @@ class Runner:
 
     def streams(self, target: Target, n: int) -> dict[str, Any]:
         a = self.args
-        timeout = a.events * a.interval + 30.0 + n / 50.0
+        timeout = a.events * a.interval + a.ramp + 30.0 + n / 50.0
         argv = [sys.executable, os.path.join(HERE, "stream_client.py"), target.url]
         argv += ["--streams", str(n), "--events", str(a.events), "--interval", str(a.interval)]
-        argv += ["--timeout", f"{timeout:g}", "--json"]
+        argv += ["--timeout", f"{timeout:g}", "--json", "--ramp", f"{a.ramp:g}"]
         if target.key:
             argv += ["--key", target.key]
         out = self.run(argv, timeout=timeout + 15)
@@ -375,8 +380,17 @@ def stream_rows(tag: str, d: dict[str, Any], y: dict[str, Any]) -> list[Row]:
         Row(f"inter-event delay mean, ms ({tag})", d["gap_mean_ms"], y["gap_mean_ms"], "time"),
         Row(f"inter-event delay p99, ms ({tag})", d["gap_p99_ms"], y["gap_p99_ms"], "time"),
         Row(f"stream duration p50, ms ({tag})", d["total_p50_ms"], y["total_p50_ms"], "time"),
+        Row(f"stream duration p99, ms ({tag})", d["total_p99_ms"], y["total_p99_ms"], "time"),
         Row(f"streams ok ({tag})", ok(d), ok(y), "info"),
         Row(f"yugongd CPU, % of a core ({tag})", None, y.get("cpu_yugongd"), "info"),
+        Row(
+            f"yugongd CPU per relayed event, µs ({tag})",
+            None,
+            (1e6 * y["cpu_s_yugongd"] / y["events"])
+            if y.get("cpu_s_yugongd") is not None and y.get("events")
+            else None,
+            "info",
+        ),
     ]
 
 
@@ -453,7 +467,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--connections", default="32", help="wrk connections, comma-separated (default 32)"
     )
     p.add_argument(
-        "--streams", default="100", help="concurrent streams, comma-separated (default 100)"
+        "--streams",
+        default=None,
+        help="concurrent streams, comma-separated (default 1000; 100 with --quick)",
+    )
+    p.add_argument(
+        "--ramp",
+        type=float,
+        default=0.0,
+        help="seconds over which the streams are started (default 0: all at once)",
     )
     p.add_argument("--events", type=int, default=50, help="events per stream (default 50)")
     p.add_argument(
@@ -480,6 +502,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         a.duration = min(a.duration, 2)
         a.warmup = min(a.warmup, 1)
         a.events = min(a.events, 25)
+    if a.streams is None:
+        a.streams = "100" if a.quick else "1000"
     a.connection_list = [int(c) for c in a.connections.split(",") if c.strip()]
     a.stream_list = [int(s) for s in a.streams.split(",") if s.strip()]
     a.phase_list = [s.strip() for s in a.phases.split(",") if s.strip()]
@@ -555,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise BenchError(f"{t.name}: smoke request got HTTP {status}: {resp[:300]!r}")
 
         print(f"fake upstream :{upport}, yugongd :{port}, work dir {workdir}", flush=True)
+        time.sleep(1.0)
+        idle_rss = rss_peak_mb(yproc.popen.pid, "VmRSS")
         if args.warmup and ({"throughput", "latency"} & set(args.phase_list)):
             for t in (direct, via):
                 print(f"warm-up {t.name} ({args.warmup}s)", flush=True)
@@ -585,7 +611,13 @@ def main(argv: list[str] | None = None) -> int:
                 rows += make(tag, pair["direct"], pair["yugongd"])
 
         rss = rss_peak_mb(yproc.popen.pid)
-        rows.append(Row("yugongd peak RSS, MB", None, rss, "info"))
+        rows.append(
+            Row("yugongd idle RSS (started, 2 requests served), MB", None, idle_rss, "info")
+        )
+        rows.append(Row("yugongd peak RSS over the whole run, MB", None, rss, "info"))
+        rows.append(
+            Row("yugongd RSS at the end, MB", None, rss_peak_mb(yproc.popen.pid, "VmRSS"), "info")
+        )
         md = table(rows)
         problems = find_problems(runner.raw, yproc.log)
         print()

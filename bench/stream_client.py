@@ -177,8 +177,13 @@ async def run_streams(
     headers: dict[str, str] | None = None,
     body: bytes | None = None,
     timeout: float = 60.0,
+    ramp: float = 0.0,
 ) -> list[StreamRecord]:
-    """Open ``streams`` concurrent streaming requests to ``url``; at most ``timeout`` seconds."""
+    """Open ``streams`` concurrent streaming requests to ``url``; at most ``timeout`` seconds.
+
+    With ``ramp`` > 0 the starts are spread evenly over ``ramp`` seconds (stream ``i`` starts
+    at ``i * ramp / streams``) instead of all at once; each stream's timings still count from
+    its own request."""
     u = urlsplit(url)
     if u.scheme != "http":
         raise ValueError("only http:// URLs are supported")
@@ -186,9 +191,14 @@ async def run_streams(
     path = u.path + (f"?{u.query}" if u.query else "")
     body = body if body is not None else default_body()
     records = [StreamRecord() for _ in range(streams)]
-    tasks = [
-        asyncio.ensure_future(one_stream(host, port, path, headers or {}, body, r)) for r in records
-    ]
+
+    async def later(delay: float, r: StreamRecord) -> None:
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await one_stream(host, port, path, headers or {}, body, r)
+
+    step = ramp / streams if streams else 0.0
+    tasks = [asyncio.ensure_future(later(i * step, r)) for i, r in enumerate(records)]
     _, pending = await asyncio.wait(tasks, timeout=timeout)
     for t in pending:
         t.cancel()
@@ -275,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="gpt-4o-mini")
     p.add_argument("--timeout", type=float, default=60.0, help="bound of the whole run (s)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--ramp", type=float, default=0.0, help="spread the starts over S seconds")
     args = p.parse_args(argv)
 
     headers = {}
@@ -293,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             headers=headers,
             body=default_body(args.model),
             timeout=args.timeout,
+            ramp=args.ramp,
         )
         return summarize(recs, time.perf_counter() - t)
 

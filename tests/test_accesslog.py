@@ -191,3 +191,40 @@ def test_the_accesslog_plugin_can_be_disabled(events):
     gw.pm.set_blocked("accesslog")
     assert Client(gw).send("POST", "/v1/chat/completions", chat(), None).response()[0] == 401
     assert events == []
+
+
+def test_memoised_log_timestamps_are_twisteds_own(monkeypatch):
+    """yugongd.logtime makes twistd's line timestamps once a second; the text must be what
+    Twisted writes, also across a daylight-saving change and for other formats."""
+    import time as _time
+
+    from twisted.logger._format import formatTime
+
+    from yugongd.logtime import memo_format_time
+
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    _time.tzset()
+    try:
+        memo = memo_format_time()
+        start = 1711846800.0 - 3 * 3600  # 2024-03-31, three hours before the clocks go forward
+        seen = set()
+        for i in range(0, 6 * 3600 * 4):  # every quarter second over six hours
+            when = start + i * 0.25
+            assert memo(when) == formatTime(when), when
+            seen.add(memo(when)[-5:])
+        assert seen == {"+0100", "+0200"}  # the change was crossed
+        assert memo(start, "%H:%M:%S.%f") == formatTime(start, "%H:%M:%S.%f")
+        assert memo(None) == formatTime(None) == "-"
+    finally:
+        monkeypatch.delenv("TZ")
+        _time.tzset()
+
+
+def test_twistd_log_observer_uses_the_memo():
+    from twisted.logger import _file
+
+    from yugongd import logtime
+
+    logtime.install()
+    logtime.install()  # twice is harmless
+    assert _file.formatTime.__name__ == "format_time"

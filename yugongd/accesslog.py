@@ -94,7 +94,21 @@ def _text_value(value: Any) -> str:
 
 def format_text(record: dict[str, Any]) -> str:
     """``name=value`` pairs (logfmt)."""
-    return " ".join(f"{name}={_text_value(value)}" for name, value in record.items())
+    parts = []
+    for name, value in record.items():
+        # the common values first, without a regex (a line per request)
+        if value is None:
+            text = "-"
+        elif value is True:
+            text = "true"
+        elif value is False:
+            text = "false"
+        elif type(value) is int:
+            text = str(value)
+        else:
+            text = _text_value(value)
+        parts.append(name + "=" + text)
+    return " ".join(parts)
 
 
 def format_json(record: dict[str, Any]) -> str:

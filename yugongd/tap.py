@@ -19,6 +19,7 @@ from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 from twisted.python import usage
 
+from yugongd import logtime
 from yugongd.config import Config, ConfigError, default_config, load_config
 from yugongd.gateway import Gateway
 from yugongd.plugins import PluginLoadError
@@ -115,6 +116,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+    # twistd's log lines (the access log: one per request) get their timestamp once a second
+    logtime.install()
     path = options["config"]
     try:
         config = load(path)

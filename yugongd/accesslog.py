@@ -92,6 +92,11 @@ def _text_value(value: Any) -> str:
     return json.dumps(text)
 
 
+#: fields whose few distinct values repeat from line to line: their text is kept
+_REPEATED = frozenset(("client", "account", "model", "method", "endpoint", "key", "code"))
+_seen: dict[str, str] = {}
+
+
 def format_text(record: dict[str, Any]) -> str:
     """``name=value`` pairs (logfmt)."""
     parts = []
@@ -105,6 +110,12 @@ def format_text(record: dict[str, Any]) -> str:
             text = "false"
         elif type(value) is int:
             text = str(value)
+        elif type(value) is str and name in _REPEATED:
+            text = _seen.get(value)
+            if text is None:
+                if len(_seen) >= 4096:
+                    _seen.clear()
+                text = _seen[value] = _text_value(value)
         else:
             text = _text_value(value)
         parts.append(name + "=" + text)

@@ -111,11 +111,12 @@ def format_text(record: dict[str, Any]) -> str:
         elif type(value) is int:
             text = str(value)
         elif type(value) is str and name in _REPEATED:
-            text = _seen.get(value)
-            if text is None:
+            known = _seen.get(value)
+            if known is None:
                 if len(_seen) >= 4096:
                     _seen.clear()
-                text = _seen[value] = _text_value(value)
+                known = _seen[value] = _text_value(value)
+            text = known
         else:
             text = _text_value(value)
         parts.append(name + "=" + text)

@@ -309,11 +309,22 @@ def test_reset_mid_stream_ends_with_an_sse_error_event(fake, gw):
     # the partial stream is still accounted, as an estimate
     assert (row["status"], row["estimated"], row["key_id"]) == (200, 1, "reset-body")
     assert row["prompt_tokens"] > 0
-    assert keys(gw)["reset-body"]["state"] == "active"
+    # too late to fail over, but the key that broke off is judged like one that never
+    # answered (a short cooldown, 1 s, long over by now that the row is written)
+    info = keys(gw)["reset-body"]
+    assert info["failures"] == 1 and "after the first byte" in info["last_error"], info
     still_serving(gw)
 
 
+def wait_active(d: Daemon, key_id: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while keys(d)[key_id]["state"] != "active":
+        assert time.monotonic() < deadline, keys(d)[key_id]
+        time.sleep(0.1)
+
+
 def test_reset_mid_body_cuts_the_connection_never_a_short_whole_body(fake, gw):
+    wait_active(gw, "reset-body")  # the short cooldown of the test before
     conn, resp = send(gw, "reset-body", "reset-json")
     assert resp.status == 200
     declared = int(resp.getheader("content-length"))
@@ -322,6 +333,7 @@ def test_reset_mid_body_cuts_the_connection_never_a_short_whole_body(fake, gw):
     assert 0 < len(e.value.partial) < declared
     row = ledger_row(gw, "reset-json")
     assert (row["status"], row["key_id"], row["attempts"]) == (200, "reset-body", 1)
+    assert keys(gw)["reset-body"]["failures"] == 2
     still_serving(gw)
 
 

@@ -212,6 +212,35 @@ class _Collect(Protocol):
         self.done.callback(b"".join(self.parts))
 
 
+class _Flow:
+    """The upstream body's flow, as the client request sees it (its registered producer).
+
+    While the client's side is full and the upstream is paused on its account, the upstream
+    is silent by our doing: the idle timeout does not run then (a slow reader is bounded by
+    backpressure, not cut as a stalled upstream)."""
+
+    __slots__ = ("owner", "transport")
+
+    def __init__(self, owner: ProxiedRequest, transport: Any) -> None:
+        self.owner = owner
+        self.transport = transport
+
+    def pauseProducing(self) -> None:
+        self.owner._stop_idle_timer()
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+        self.owner._start_idle_timer()
+
+    def stopProducing(self) -> None:
+        # twisted.web stops the producer when the client's connection is lost, before the
+        # request's notifyFinish errback: the upstream body ends (at once) by the client's
+        # doing, not the upstream's
+        self.owner.client_gone = True
+        self.transport.stopProducing()
+
+
 class _Relay(Protocol):
     """Delivers an upstream response body to the proxied request."""
 
@@ -482,6 +511,14 @@ class ProxiedRequest:
 
     def _failed(self, key: UpstreamKey, af: AttemptFailure) -> None:
         """Apply the failure hook's decision, then retry or answer."""
+        decision = self._judge(key, af)
+        if decision is not None and decision.retry:
+            self._attempt()
+        else:
+            self._give_up()
+
+    def _judge(self, key: UpstreamKey, af: AttemptFailure) -> FailureDecision | None:
+        """Ask the failure hook what ``af`` means and apply it to the key."""
         gw = self.gateway
         key.failures += 1
         self.last_failure = af
@@ -508,10 +545,7 @@ class ProxiedRequest:
             key_id=key.id,
             problem=af.message,
         )
-        if decision is not None and decision.retry:
-            self._attempt()
-        else:
-            self._give_up()
+        return decision
 
     def _no_candidates(self) -> None:
         """No key may take the next attempt: wait for one (bounded), or answer."""
@@ -608,10 +642,19 @@ class ProxiedRequest:
 
     def _body_started(self, transport: Any) -> None:
         self.upstream_transport = transport
-        self.request.registerProducer(transport, True)
+        self.request.registerProducer(_Flow(self, transport), True)
+        self._start_idle_timer()
+
+    def _start_idle_timer(self) -> None:
         idle = self.key.endpoint.timeouts.idle if self.key else 0
-        if idle:
+        if idle and self.idle_timer is None and self.upstream_transport is not None:
             self.idle_timer = self.gateway.reactor.callLater(idle, self._idle_timeout)
+
+    def _stop_idle_timer(self) -> None:
+        if self.idle_timer is not None:
+            if self.idle_timer.active():
+                self.idle_timer.cancel()
+            self.idle_timer = None
 
     def _idle_timeout(self) -> None:
         self.idle_timer = None
@@ -644,10 +687,7 @@ class ProxiedRequest:
 
     def _body_done(self, reason: Failure) -> None:
         self.upstream_time += self.gateway.clock.seconds() - self.attempt_started
-        if self.idle_timer is not None:
-            if self.idle_timer.active():
-                self.idle_timer.cancel()
-            self.idle_timer = None
+        self._stop_idle_timer()
         self.upstream_transport = None
         if self.key is not None:
             self.key.inflight -= 1
@@ -680,12 +720,16 @@ class ProxiedRequest:
         what = "stopped sending (idle timeout)" if self.idle_timed_out else "broke off the response"
         message = f"The upstream {what} after it had started."
         self.code = "upstream_timeout" if self.idle_timed_out else "upstream_unavailable"
-        log.info(
-            "request {request_id}: upstream {what} on key {key_id}",
-            request_id=self.call.request_id,
-            what=what,
-            key_id=self.key.id if self.key else None,
-        )
+        if self.key is not None:
+            # too late to fail over, but the key is as suspect as one that never answered:
+            # the failure hook's decision (a short cooldown, by default) applies to it
+            self._judge(
+                self.key,
+                AttemptFailure(
+                    "timeout" if self.idle_timed_out else "reset",
+                    message=f"upstream {what} after the first byte",
+                ),
+            )
         if self.scanner is not None:
             self._write(sse_error_event(self.code, message))
             self._finish_response()

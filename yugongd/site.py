@@ -110,6 +110,13 @@ class GatewayChannel(http.HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        # a response goes out in a few writes: none of them should wait for an ACK
+        set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_nodelay is not None:
+            try:
+                set_nodelay(True)
+            except OSError:
+                pass
         self.site.connection_opened(self)
 
     def dataReceived(self, data: bytes) -> None:

@@ -42,6 +42,16 @@ def upstream() -> Iterator[FakeUpstream]:
         fake.stop()
 
 
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeUpstream]:
+    """One fake upstream for a whole test module (modules that share one daemon)."""
+    server = FakeUpstream().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 class Daemon:
     """A running ``twistd -n yugongd`` with its own config, log and working directory."""
 

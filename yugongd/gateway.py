@@ -92,8 +92,6 @@ class Gateway:
         self.started = True
 
     def _add_stored_key(self, stored: StoredKey) -> None:
-        from yugongd.config import KeyConfig
-
         if stored.upstream not in self.pool.upstreams or stored.id in self.pool.keys:
             log.warn(
                 "runtime key {key_id} refers to upstream {upstream} that is not configured; skipped",
@@ -101,16 +99,7 @@ class Gateway:
                 upstream=stored.upstream,
             )
             return
-        kc = KeyConfig(
-            id=stored.id,
-            key=stored.key,
-            organization=stored.organization,
-            weight=stored.weight,
-            rpm=stored.rpm,
-            tpm=stored.tpm,
-            models=stored.models,
-        )
-        self.pool.add_key(stored.upstream, kc, source="api")
+        self.pool.add_key(stored.upstream, stored.key_config(), source="api")
 
     def apply_config(self, config: Config) -> None:
         """Take a new config (at start and on reload): keys, accounts, prices, limits."""

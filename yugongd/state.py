@@ -10,12 +10,15 @@ the store drains in batches. :class:`MemoryState` keeps everything in process me
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, succeed
 
 from yugongd.model import Account
+
+if TYPE_CHECKING:
+    from yugongd.config import KeyConfig
 
 
 @frozen
@@ -49,6 +52,20 @@ class StoredKey:
     rpm: int | None = None
     tpm: int | None = None
     models: tuple[str, ...] = ("*",)
+
+    def key_config(self) -> KeyConfig:
+        """The key as the pool takes it (``KeyPool.add_key``)."""
+        from yugongd.config import KeyConfig
+
+        return KeyConfig(
+            id=self.id,
+            key=self.key,
+            organization=self.organization,
+            weight=self.weight,
+            rpm=self.rpm,
+            tpm=self.tpm,
+            models=self.models,
+        )
 
 
 @define

@@ -163,8 +163,6 @@ class ClusterPlugin:
         accounts.put(account)
 
     def key_event(self, key_id: str, stored: StoredKey | None) -> None:
-        from yugongd.config import KeyConfig
-
         pool = self.gateway.pool
         if stored is None:
             key = pool.keys.get(key_id)
@@ -176,16 +174,7 @@ class ClusterPlugin:
         local = pool.keys.get(key_id)
         if local is not None and local.source == "config":
             return
-        kc = KeyConfig(
-            id=stored.id,
-            key=stored.key,
-            organization=stored.organization,
-            weight=stored.weight,
-            rpm=stored.rpm,
-            tpm=stored.tpm,
-            models=stored.models,
-        )
-        pool.add_key(stored.upstream, kc, source="api")
+        pool.add_key(stored.upstream, stored.key_config(), source="api")
 
     def key_state_event(self, key_id: str, state: dict[str, Any]) -> None:
         self.gateway.pool.apply_key_state(key_id, state)

@@ -67,6 +67,11 @@ def load(path: str | None) -> Config:
     return load_config(path) if path else default_config()
 
 
+def _freeze(result: object) -> object:
+    gc.freeze()
+    return result
+
+
 class GatewayService(service.MultiService):
     """The gateway and its listeners; reload on SIGHUP, drain and flush on stop."""
 
@@ -80,7 +85,7 @@ class GatewayService(service.MultiService):
         d.addErrback(lambda f: log.failure("could not load the state", f))
         # what exists at start (modules, config, accounts, keys) lives as long as the
         # process: out of the collector's sight, full collections stay short
-        d.addBoth(lambda result: (gc.freeze(), result)[1])
+        d.addBoth(_freeze)
         for note in self.gateway.config.notes:
             log.info("{note}", note=note)
         log.info(

@@ -53,7 +53,7 @@ ACCOUNT_KEY = "sk-bench-account-0123456789"
 PHASES = ("throughput", "latency", "streams")
 
 CONFIG = """\
-listen: "tcp:{port}:interface=127.0.0.1"
+listen: "tcp:{port}:interface=127.0.0.1:backlog=1024"
 state: "sqlite:{state}"
 upstreams:
   - name: fake

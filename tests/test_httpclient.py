@@ -969,3 +969,25 @@ def test_response_headers():
     assert h.getRawHeaders(b"missing", [b"d"]) == [b"d"]
     assert h.hasHeader("content-type") and not h.hasHeader(b"nope")
     assert dict(h.getAllRawHeaders()) == {b"content-type": [b"a/b"], b"x-n": [b"1", b"2"]}
+
+
+def test_address_literals_connect_without_name_resolution():
+    """An upstream at an IP address gets a plain TCP endpoint (no trip through the
+    resolver's thread pool per new connection); names and https keep Twisted's standard
+    endpoints (happy eyeballs, TLS)."""
+    from twisted.internet.endpoints import (
+        HostnameEndpoint,
+        TCP4ClientEndpoint,
+        TCP6ClientEndpoint,
+    )
+
+    http = HTTPClient(reactor)
+    assert isinstance(http._endpoint((b"http", b"127.0.0.1", 80), 5.0), TCP4ClientEndpoint)
+    assert isinstance(http._endpoint((b"http", b"::1", 80), 5.0), TCP6ClientEndpoint)
+    assert isinstance(http._endpoint((b"http", b"localhost", 80), 5.0), HostnameEndpoint)
+    tls = http._endpoint((b"https", b"127.0.0.1", 443), 5.0)
+    assert not isinstance(tls, TCP4ClientEndpoint | TCP6ClientEndpoint)
+    # made once per host, port and timeout
+    assert http._endpoint((b"http", b"127.0.0.1", 80), 5.0) is http._endpoint(
+        (b"http", b"127.0.0.1", 80), 5.0
+    )

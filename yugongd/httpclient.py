@@ -31,6 +31,8 @@ from typing import Any
 
 import httptools
 from twisted.internet import defer
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -632,8 +634,17 @@ class HTTPClient:
                     )
                 )
             scheme, host, port = key
-            uri = client.URI(scheme, b"%s:%d" % (host, port), host, port, b"/", b"", b"", b"")
-            cached = self._endpoints[(key, connect_timeout)] = factory.endpointForURI(uri)
+            literal = host.decode("ascii", "replace")
+            if scheme == b"http" and isIPAddress(literal):
+                # an address needs no name resolution (HostnameEndpoint would still take
+                # a trip through the resolver's thread pool for every new connection)
+                cached = TCP4ClientEndpoint(self.reactor, literal, port, timeout=connect_timeout)
+            elif scheme == b"http" and isIPv6Address(literal):
+                cached = TCP6ClientEndpoint(self.reactor, literal, port, timeout=connect_timeout)
+            else:
+                uri = client.URI(scheme, b"%s:%d" % (host, port), host, port, b"/", b"", b"", b"")
+                cached = factory.endpointForURI(uri)
+            self._endpoints[(key, connect_timeout)] = cached
         return cached
 
     def _release(self, conn: _Connection) -> None:

@@ -19,8 +19,11 @@ drops the rest:
   connection; a response that ends cleanly frees the connection for the next request.
 
 A request sent on a reused idle connection that the server closed in the meantime (the
-connection ends before a single response byte) is retried once on a new connection: the
-server cannot have processed it. Everything else is the caller's to handle, as with the
+connection ends before a single response byte) is retried once on a new connection: that
+is almost always a keep-alive connection the server timed out while it sat in the pool,
+which never saw the request. (A server that read the request and then died without a byte
+of answer would see it twice; Twisted's Agent retried only requests without a body, which
+would make every such race a failover with a cooldown of a healthy key.) Everything else is the caller's to handle, as with the
 Agent: the errors are :class:`~twisted.web.client.ResponseNeverReceived`,
 :class:`~twisted.web.client.ResponseFailed` and the endpoint's connect errors.
 """

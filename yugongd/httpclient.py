@@ -69,6 +69,18 @@ class ResponseHeadTooLarge(Exception):
     """The upstream's response headers exceeded :data:`MAX_HEAD_BYTES`."""
 
 
+def tcp_nodelay(transport: Any) -> None:
+    """Turn Nagle's algorithm off on a TCP transport (a no-op for others, e.g. TLS over a
+    memory BIO): requests and responses go out in a few small writes, none of which should
+    wait for an ACK."""
+    set_nodelay = getattr(transport, "setTcpNoDelay", None)
+    if set_nodelay is not None:
+        try:
+            set_nodelay(True)
+        except OSError:
+            pass
+
+
 class ResponseHeaders:
     """The read-only subset of :class:`~twisted.web.http_headers.Headers` a response needs,
     made without re-encoding each name: lower-case names, values as received."""
@@ -270,12 +282,7 @@ class _Connection(Protocol):
 
     def connectionMade(self) -> None:
         self.connected_ = True
-        set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
-        if set_nodelay is not None:
-            try:
-                set_nodelay(True)
-            except OSError:
-                pass
+        tcp_nodelay(self.transport)
 
     def send(self, method: bytes, head: bytes, body: bytes, d: defer.Deferred[Any]) -> None:
         self.uses += 1

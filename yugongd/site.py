@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 
 from yugongd.errors import write_error
+from yugongd.httpclient import tcp_nodelay
 from yugongd.model import Call, Denial, Outcome
 from yugongd.plugins import notify
 from yugongd.pool import models_match
@@ -110,13 +111,7 @@ class GatewayChannel(http.HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        # a response goes out in a few writes: none of them should wait for an ACK
-        set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
-        if set_nodelay is not None:
-            try:
-                set_nodelay(True)
-            except OSError:
-                pass
+        tcp_nodelay(self.transport)
         self.site.connection_opened(self)
 
     def dataReceived(self, data: bytes) -> None:

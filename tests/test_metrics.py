@@ -10,23 +10,16 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_proxy_memory import Client as MemoryClient
 from test_proxy_memory import FakeAgent, respond
-from twisted.internet.testing import MemoryReactorClock
+from test_proxy_memory import make_gateway as memory_gateway
 
 from yugongd.config import (
     AccountConfig,
     AdminConfig,
-    Config,
-    FailoverConfig,
-    KeyConfig,
-    PoolConfig,
     Price,
-    Timeouts,
-    UpstreamConfig,
 )
 from yugongd.gateway import Gateway
 from yugongd.metrics import failure_reason
 from yugongd.model import AttemptFailure
-from yugongd.state import MemoryState
 
 ADMIN = "admin-s3cret"
 ALICE = "sk-alice-0123456789abcdef"
@@ -34,30 +27,17 @@ BOB = "sk-bob-0123456789abcdef00"
 
 
 def make_gateway(token: str | None = ADMIN, keys: int = 2):
-    up = UpstreamConfig(
-        name="up",
-        base_url="http://upstream/v1",
-        timeouts=Timeouts(connect=1, first_byte=5, idle=5),
-        keys=tuple(KeyConfig(id=f"k{i}", key=f"sk-key-{i:016d}") for i in range(keys)),
+    return memory_gateway(
+        keys,
+        settings={
+            "admin": AdminConfig(token=token),
+            "prices": {"gpt-4o-mini": Price(input=0.15, output=0.60)},
+            "accounts": (
+                AccountConfig(name="alice", key=ALICE),
+                AccountConfig(name="bob", key=BOB, models=("gpt-4o-mini",)),
+            ),
+        },
     )
-    config = Config(
-        source="<test>",
-        admin=AdminConfig(token=token),
-        upstreams=(up,),
-        pool=PoolConfig(cooldown=20.0, queue_timeout=10.0),
-        failover=FailoverConfig(attempts=3),
-        prices={"gpt-4o-mini": Price(input=0.15, output=0.60)},
-        accounts=(
-            AccountConfig(name="alice", key=ALICE),
-            AccountConfig(name="bob", key=BOB, models=("gpt-4o-mini",)),
-        ),
-    )
-    clock = MemoryReactorClock()
-    gw = Gateway(config, clock, MemoryState())
-    gw.start()
-    agent = FakeAgent()
-    gw.agent_for = lambda upstream: agent  # type: ignore[method-assign]
-    return gw, clock, agent
 
 
 class Client(MemoryClient):

@@ -11,7 +11,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from yugongd.config import ConfigError, load_config, parse_config
+from yugongd.config import _TOP_KEYS, ConfigError, load_config, parse_config
 from yugongd.ratelimit import parse_duration, parse_int, parse_retry_after
 from yugongd.usage import SSEUsageScanner
 
@@ -218,22 +218,7 @@ values = st.recursive(
     ),
     max_leaves=12,
 )
-known = st.sampled_from(
-    [
-        "listen",
-        "state",
-        "shutdown_grace",
-        "admin",
-        "limits",
-        "upstreams",
-        "pool",
-        "failover",
-        "prices",
-        "accounts",
-        "plugins",
-        "access_log",
-    ]
-)
+known = st.sampled_from(_TOP_KEYS)  # every top-level key the loader knows
 
 
 @st.composite

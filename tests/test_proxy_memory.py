@@ -53,7 +53,9 @@ def respond(d, status=200, body=b"", headers=None, finish=True):
     return response
 
 
-def make_gateway(keys=2, **pool):
+def make_gateway(keys=2, settings=None, **pool):
+    """A gateway on a fake clock and a :class:`FakeAgent`: ``keys`` keys of one upstream,
+    ``pool`` settings over the test defaults, other ``settings`` (Config fields) as given."""
     up = UpstreamConfig(
         name="up",
         base_url="http://upstream/v1",
@@ -65,6 +67,7 @@ def make_gateway(keys=2, **pool):
         upstreams=(up,),
         pool=PoolConfig(**{"cooldown": 20.0, "queue_timeout": 10.0, **pool}),
         failover=FailoverConfig(attempts=3),
+        **(settings or {}),
     )
     clock = MemoryReactorClock()
     gw = Gateway(config, clock, MemoryState())

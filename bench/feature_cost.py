@@ -130,9 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
     p.add_argument("--rounds", type=int, default=3, help="measurements per variant (default 3)")
     p.add_argument("--quick", action="store_true", help="2 s runs, 1 round")
-    p.add_argument("--proxy-cpus", default="0")
-    p.add_argument("--load-cpus", default="1")
-    p.add_argument("--no-pin", action="store_true")
+    run.add_pinning_arguments(p)
     p.add_argument("--output", default=os.path.join(run.HERE, "results", "feature_cost.md"))
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.quick:

@@ -47,6 +47,7 @@ from run import (
     BenchError,
     Procs,
     _interrupt,
+    add_pinning_arguments,
     cpu_seconds,
     free_port,
     machine_basics,
@@ -620,9 +621,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default="least-loaded,round-robin",
         help="comma-separated pool.strategy values (least-loaded,round-robin)",
     )
-    p.add_argument("--proxy-cpus", default="0", help="taskset CPU list for yugongd")
-    p.add_argument("--load-cpus", default="1", help="taskset CPU list for the rest")
-    p.add_argument("--no-pin", action="store_true", help="do not use taskset")
+    add_pinning_arguments(p)
     p.add_argument(
         "--output",
         default=os.path.join(HERE, "results", "pool_efficiency.md"),

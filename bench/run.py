@@ -201,6 +201,13 @@ def post_json(url: str, body: bytes, key: str | None) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
+def add_pinning_arguments(p: argparse.ArgumentParser) -> None:
+    """``--proxy-cpus``, ``--load-cpus`` and ``--no-pin``, read by :func:`pinning`."""
+    p.add_argument("--proxy-cpus", default="0", help="taskset CPU list for yugongd")
+    p.add_argument("--load-cpus", default="1", help="taskset CPU list for the rest")
+    p.add_argument("--no-pin", action="store_true", help="do not use taskset")
+
+
 def pinning(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """``taskset`` prefixes (load generators, proxy) from ``--load-cpus``/``--proxy-cpus``;
     both empty with ``--no-pin``, one CPU, or no ``taskset``."""
@@ -487,9 +494,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (default 1)")
     p.add_argument("--warmup", type=int, default=2, help="wrk warm-up seconds per target")
-    p.add_argument("--proxy-cpus", default="0", help="taskset CPU list for yugongd")
-    p.add_argument("--load-cpus", default="1", help="taskset CPU list for the rest")
-    p.add_argument("--no-pin", action="store_true", help="do not use taskset")
+    add_pinning_arguments(p)
     p.add_argument(
         "--output",
         default=os.path.join(HERE, "results", "latest.md"),

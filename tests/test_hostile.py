@@ -86,13 +86,8 @@ def test_huge_max_tokens_does_not_break_admission():
 
 
 def test_unknown_and_wrong_keys_get_identical_errors():
-    gw, clock, agent = make_gateway()
-    gw.apply_config(
-        type(gw.config)(
-            source="<test>",
-            upstreams=gw.config.upstreams,
-            accounts=(AccountConfig(name="a", key="sk-real-account-key-000001"),),
-        )
+    gw, clock, agent = make_gateway(
+        settings={"accounts": (AccountConfig(name="a", key="sk-real-account-key-000001"),)}
     )
     answers = []
     for auth in (
@@ -156,13 +151,8 @@ def test_oversized_request_heads_are_refused_and_closed(request_bytes, request):
     [b"Bearer \xff\xfe\xfd", b"Bearer sk-\x80\x81", b"\xff\xff", b"Bearer " + "ключ".encode()],
 )
 def test_non_utf8_keys_get_the_same_401(auth):
-    gw, clock, agent = make_gateway()
-    gw.apply_config(
-        type(gw.config)(
-            source="<test>",
-            upstreams=gw.config.upstreams,
-            accounts=(AccountConfig(name="a", key="sk-real-account-key-000001"),),
-        )
+    gw, clock, agent = make_gateway(
+        settings={"accounts": (AccountConfig(name="a", key="sk-real-account-key-000001"),)}
     )
     body = json.dumps(CHAT).encode()
     status, _, out = raw(

@@ -790,13 +790,13 @@ class ProxiedRequest:
             gw.queue.remove(self)
         if self.reached_upstream:
             if self.status and self.status < 400:
-                estimate = (
-                    len(self.body) // 4,
-                    (self.scanner.text_chars // 4) if self.scanner else 0,
-                )
                 counted = self.usage_counted
                 if counted is None and self.scanner is None:
                     counted = (0, 0)
+                # the stream's text is counted only when the estimate is needed
+                estimate = (0, 0)
+                if counted is None and self.scanner is not None:
+                    estimate = (len(self.body) // 4, self.scanner.text_chars // 4)
                 usage = make_usage(gw.prices, call.model, counted, estimate)
             else:
                 usage = make_usage(gw.prices, None, (0, 0), (0, 0))

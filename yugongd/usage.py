@@ -131,45 +131,206 @@ def usage_from_json(body: bytes) -> tuple[int, int] | None:
 
 
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
-_TEXT_FIELD = re.compile(rb'"(?:content|text|delta|arguments)":\s*"((?:[^"\\]|\\.)*)"')
 _NULL_USAGE = re.compile(rb'"usage":\s*null')
+#: the text fields' string values, counted for the token estimate of a stream that gives no
+#: usage. A match never spans a line end (a JSON string holds none), so any run of whole
+#: lines can be counted on its own: the stream is counted in batches, not event by event.
+_TEXT_FIELD = re.compile(
+    rb'"(?:content|text|delta|arguments)":[ \t]*"([^"\\\r\n]*(?:\\[^\r\n][^"\\\r\n]*)*)"'
+)
 
 
-#: an event longer than this is relayed without being scanned (a usage chunk is < 1 kB;
-#: without a bound, an upstream that never ends an event would grow memory without limit)
+#: an event (or line) longer than this is relayed without being scanned (a usage chunk is
+#: < 1 kB; without a bound, an upstream that never ends one would grow memory without limit)
 MAX_EVENT = 4 << 20
+
+#: bytes gathered before they are scanned in one go (per-event calls cost more than the scan
+#: itself); the text count waits until it is asked for, up to this many bytes
+BATCH = 16 << 10
+
+
+def _has_event_end(data: bytes) -> bool:
+    if b"\r" not in data:
+        return b"\n\n" in data
+    return _EVENT_END.search(data) is not None
+
+
+def _event_ends(buf: bytes) -> list[int]:
+    """Where each complete event in ``buf`` ends (just past its blank line)."""
+    if b"\r" in buf:
+        return [match.end() for match in _EVENT_END.finditer(buf)]
+    # the usual case (no CR at all): C-speed searches instead of the regex
+    ends = []
+    at = buf.find(b"\n\n")
+    while at != -1:
+        at += 2
+        ends.append(at)
+        at = buf.find(b"\n\n", at)
+    return ends
+
+
+def _line_end(data: bytes, start: int = 0) -> int:
+    """The index of the first CR or LF at or after ``start``; -1 if there is none."""
+    lf = data.find(b"\n", start)
+    cr = data.find(b"\r", start, lf if lf != -1 else len(data))
+    return cr if cr != -1 else lf
+
+
+def _line_start(data: bytes, at: int) -> int:
+    return max(data.rfind(b"\n", 0, at), data.rfind(b"\r", 0, at)) + 1
+
+
+def text_chars(block: bytes) -> int:
+    """Characters in the string values of the text fields in ``block``."""
+    total = 0
+    for match in _TEXT_FIELD.finditer(block):
+        total += match.end(1) - match.start(1)
+    return total
 
 
 class SSEUsageScanner:
     """Follows a server-sent event stream as it is relayed.
 
     :meth:`feed` takes the upstream's bytes as they arrive and returns what the client
-    should get. When ``strip_usage`` is false it returns the input unchanged (the scan
-    works on the side); when true, it returns whole events only, leaving out the usage
-    chunk that yugongd asked for on the client's behalf. Events split across reads at
-    any byte are handled. The bytes of an unfinished event are kept as a list and joined
-    once the event ends, so a long event costs linear time; past ``max_event`` bytes it is
-    passed through unscanned up to its end.
+    should get. When ``strip_usage`` is false it returns the input unchanged and the scan
+    works on the side, :data:`BATCH` bytes at a time; when true, it returns whole events
+    only, leaving out the usage chunk that yugongd asked for on the client's behalf. Events
+    split across reads at any byte are handled. Unfinished input is kept as a list and
+    joined once it is scanned, so a long event costs linear time; past ``max_event`` bytes
+    it is passed through unscanned up to its end. :attr:`usage` is final after
+    :meth:`finish`, and so is :attr:`text_chars` (counted only when it is read).
     """
 
-    __slots__ = ("strip_usage", "usage", "text_chars", "_parts", "_size", "_skipping", "_tail")
+    __slots__ = (
+        "strip_usage",
+        "usage",
+        "_text",
+        "_uncounted",
+        "_uncounted_size",
+        "_pending",
+        "_pending_size",
+        "_carry",
+        "_carry_size",
+        "_skip_line",
+        "_parts",
+        "_size",
+        "_skipping",
+        "_tail",
+    )
 
     max_event = MAX_EVENT
+    batch = BATCH
 
     def __init__(self, strip_usage: bool = False) -> None:
         self.strip_usage = strip_usage
         self.usage: tuple[int, int] | None = None
-        self.text_chars = 0
-        #: the unfinished event so far
+        #: text characters counted so far, and whole lines not counted yet
+        self._text = 0
+        self._uncounted: list[bytes] = []
+        self._uncounted_size = 0
+        # not stripping: raw input not scanned yet, and the unfinished line before it
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._carry: list[bytes] = []
+        self._carry_size = 0
+        #: inside an oversized line: not scanned up to its end
+        self._skip_line = False
+        # stripping: the unfinished event so far
         self._parts: list[bytes] = []
         self._size = 0
         #: inside an oversized event: pass bytes through until it ends
         self._skipping = False
         self._tail = b""
 
+    @property
+    def text_chars(self) -> int:
+        """Characters of text (message content, tool arguments …) relayed so far."""
+        if self._uncounted:
+            self._count()
+        return self._text
+
     def feed(self, data: bytes) -> bytes:
         if not data:
             return b""
+        if self.strip_usage:
+            return self._consume(data)
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size >= self.batch:
+            self._scan_pending(final=False)
+        return data
+
+    def finish(self) -> bytes:
+        """The bytes held back at the end of the stream (an unterminated last event)."""
+        if not self.strip_usage:
+            self._scan_pending(final=True)
+            return b""
+        rest = b"".join(self._parts)
+        self._parts = []
+        self._size = 0
+        if rest:
+            self._scan_usage(rest)
+            self._note_text(rest)
+        return rest
+
+    # -- not stripping: whole lines, a batch at a time ----------------------------------------
+
+    def _scan_pending(self, final: bool) -> None:
+        pending = self._pending
+        data = b"".join(pending) if len(pending) != 1 else pending[0]
+        self._pending = []
+        self._pending_size = 0
+        if self._skip_line:
+            cut = _line_end(data)
+            if cut == -1:
+                return
+            self._skip_line = False
+            data = data[cut:]
+        if final:
+            block = b"".join(self._carry) + data if self._carry else data
+            self._carry = []
+            self._carry_size = 0
+        else:
+            cut = _line_start(data, len(data))
+            if cut == 0:
+                self._carry.append(data)
+                self._carry_size += len(data)
+                if self._carry_size > self.max_event:
+                    self._carry = []
+                    self._carry_size = 0
+                    self._skip_line = True
+                return
+            block = b"".join(self._carry) + data[:cut] if self._carry else data[:cut]
+            self._carry = [data[cut:]] if cut < len(data) else []
+            self._carry_size = len(data) - cut
+        if b'"usage"' in block:
+            at = block.find(b'"usage"')
+            while at != -1:
+                end = _line_end(block, at)
+                if end == -1:
+                    end = len(block)
+                line = block[_line_start(block, at) : end]
+                if line.startswith(b"data:") and _NULL_USAGE.search(line) is None:
+                    self._usage_of_line(line)
+                at = block.find(b'"usage"', end)
+        self._note_text(block)
+
+    def _note_text(self, block: bytes) -> None:
+        self._uncounted.append(block)
+        self._uncounted_size += len(block)
+        if self._uncounted_size >= self.batch:
+            self._count()
+
+    def _count(self) -> None:
+        for block in self._uncounted:
+            self._text += text_chars(block)
+        self._uncounted = []
+        self._uncounted_size = 0
+
+    # -- stripping: event by event ----------------------------------------------------------
+
+    def _consume(self, data: bytes) -> bytes:
+        """Split ``data`` into events and scan them; what the client gets."""
         if self._skipping:
             probe = self._tail + data
             match = _EVENT_END.search(probe)
@@ -179,17 +340,15 @@ class SSEUsageScanner:
             cut = match.end() - len(self._tail)
             self._skipping = False
             self._tail = b""
-            rest = self.feed(data[cut:])
-            return data[:cut] + rest if self.strip_usage else data
+            return data[:cut] + (self._consume(data[cut:]) if cut < len(data) else b"")
         if self._parts:
             # an event end can only be in the new bytes, or straddle the boundary
-            if _EVENT_END.search(b"".join(self._parts[-3:])[-3:] + data) is None:
+            if not _has_event_end(b"".join(self._parts[-3:])[-3:] + data):
                 self._parts.append(data)
                 self._size += len(data)
                 if self._size > self.max_event:
-                    held = self._overflow()
-                    return held if self.strip_usage else data
-                return b"" if self.strip_usage else data
+                    return self._overflow()
+                return b""
             buf = b"".join(self._parts) + data
             self._parts = []
             self._size = 0
@@ -197,22 +356,19 @@ class SSEUsageScanner:
             buf = data
         last = 0
         out: list[bytes] = []
-        for match in _EVENT_END.finditer(buf):
-            end = match.end()
+        for end in _event_ends(buf):
             event = buf[last:end]
             last = end
-            if self._scan(event) and self.strip_usage:
+            if b'"usage"' in event and self._scan_usage(event):
                 continue
-            if self.strip_usage:
-                out.append(event)
+            out.append(event)
+        if last:
+            self._note_text(buf[:last])
         if last < len(buf):
             self._parts = [buf[last:]]
             self._size = len(buf) - last
             if self._size > self.max_event:
-                held = self._overflow()
-                return b"".join(out) + held if self.strip_usage else data
-        if not self.strip_usage:
-            return data
+                return b"".join(out) + self._overflow()
         return b"".join(out) if len(out) != 1 else out[0]
 
     def _overflow(self) -> bytes:
@@ -225,37 +381,33 @@ class SSEUsageScanner:
         self._tail = held[-3:]
         return held
 
-    def finish(self) -> bytes:
-        """The bytes held back at the end of the stream (an unterminated last event)."""
-        rest = b"".join(self._parts)
-        self._parts = []
-        self._size = 0
-        if rest:
-            self._scan(rest)
-        return rest if self.strip_usage else b""
-
-    def _scan(self, event: bytes) -> bool:
-        """Note what ``event`` tells; true when it is a usage-only chunk."""
-        for match in _TEXT_FIELD.finditer(event):
-            self.text_chars += len(match.group(1))
+    def _scan_usage(self, event: bytes) -> bool:
+        """Note the usage ``event`` gives; true when it is a usage-only chunk."""
         if b'"usage"' not in event or _NULL_USAGE.search(event):
             return False
         for line in event.splitlines():
-            if not line.startswith(b"data:"):
-                continue
-            try:
-                doc = json.loads(line[5:])
-            except (ValueError, RecursionError):
-                continue
-            if not isinstance(doc, dict):
-                continue
-            found = usage_numbers(doc.get("usage"))
-            if found is None and isinstance(doc.get("response"), dict):
-                found = usage_numbers(doc["response"].get("usage"))
-            if found is not None:
-                self.usage = found
-                return doc.get("choices") == []
+            if line.startswith(b"data:"):
+                only = self._usage_of_line(line)
+                if only is not None:
+                    return only
         return False
+
+    def _usage_of_line(self, line: bytes) -> bool | None:
+        """Note the usage of a ``data:`` line; whether it is a usage-only chunk, or None
+        when the line gives no usage."""
+        try:
+            doc = json.loads(line[5:])
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(doc, dict):
+            return None
+        found = usage_numbers(doc.get("usage"))
+        if found is None and isinstance(doc.get("response"), dict):
+            found = usage_numbers(doc["response"].get("usage"))
+        if found is None:
+            return None
+        self.usage = found
+        return bool(doc.get("choices") == [])
 
 
 def make_usage(

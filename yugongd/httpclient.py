@@ -33,7 +33,7 @@ from __future__ import annotations
 from typing import Any
 
 import httptools
-from twisted.internet import defer
+from twisted.internet import defer, tcp
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectionAborted, ConnectionDone
@@ -79,6 +79,35 @@ def tcp_nodelay(transport: Any) -> None:
             set_nodelay(True)
         except OSError:
             pass
+
+
+def send_now(transport: Any, data: bytes) -> None:
+    """``transport.write(data)``, sent at once when nothing is queued before it.
+
+    Twisted's ``write`` queues the bytes, asks epoll to watch for writability, sends them on
+    the reactor's next pass and asks epoll to stop watching: two ``epoll_ctl`` calls and a
+    pass per write. On a plain TCP connection whose buffer is empty, one ``send`` does it
+    here; what the socket does not take goes through ``write`` as before, so ordering and
+    backpressure (the producer paused when the buffer grows) are unchanged. TLS and any
+    other transport always go through ``write``.
+    """
+    if (
+        isinstance(transport, tcp.Connection)
+        and not transport.TLS
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnected
+        and not transport.dataBuffer
+        and not transport._tempDataBuffer
+    ):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:
+            sent = 0  # EAGAIN, or an error that write()'s attempt will report
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
 
 
 class ResponseHeaders:
@@ -299,10 +328,7 @@ class _Connection(Protocol):
         self.head_only = method == b"HEAD"
         self.parser = httptools.HttpResponseParser(self)
         assert self.transport is not None
-        if body:
-            self.transport.write(head + body)
-        else:
-            self.transport.write(head)
+        send_now(self.transport, head + body if body else head)
 
     def dataReceived(self, data: bytes) -> None:
         if self.aborted:

@@ -29,6 +29,7 @@ from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
 from yugongd.errors import error_body, sse_error_event, write_error
+from yugongd.httpclient import send_now
 from yugongd.model import AttemptFailure, Call, FailureDecision, Outcome
 from yugongd.plugins import notify
 from yugongd.ratelimit import parse_duration, parse_int, parse_retry_after
@@ -333,6 +334,8 @@ class ProxiedRequest:
         self.last_failure: AttemptFailure | None = None
         self.last_failure_response: tuple[int, bytes, Headers, bytes] | None = None
         self.scanner: SSEUsageScanner | None = None
+        #: a stream's client connection, written to directly once the head is out
+        self.direct: Any = None
         self.json_parts: list[bytes] | None = None
         self.json_size = 0
         self.reached_upstream = False
@@ -683,7 +686,16 @@ class ProxiedRequest:
         if self.first_byte_at is None:
             self.first_byte_at = self.gateway.clock.seconds()
         self.bytes_out += len(data)
-        self.request.write(data)
+        direct = self.direct
+        if direct is not None:
+            # an event of a stream: the chunk framing Request.write would add, sent now
+            self.request.sentLength += len(data)
+            send_now(direct, b"%x\r\n%b\r\n" % (len(data), data))
+            return
+        request = self.request
+        request.write(data)
+        if self.scanner is not None and request.chunked and not request.finished:
+            self.direct = request.channel.transport
 
     def _body_done(self, reason: Failure) -> None:
         self.upstream_time += self.gateway.clock.seconds() - self.attempt_started

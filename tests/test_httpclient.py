@@ -991,3 +991,89 @@ def test_address_literals_connect_without_name_resolution():
     assert http._endpoint((b"http", b"127.0.0.1", 80), 5.0) is http._endpoint(
         (b"http", b"127.0.0.1", 80), 5.0
     )
+
+
+# -- send_now ----------------------------------------------------------------------------------
+
+
+class _Sink(Protocol):
+    pass
+
+
+def _tcp_pair() -> tuple[Any, Any]:
+    """A twisted.internet.tcp.Connection over one end of a socket pair, and the other end."""
+    import socket
+
+    from twisted.internet import tcp
+
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    conn = tcp.Connection(ours, _Sink(), reactor)
+    conn.connected = True
+    return conn, theirs
+
+
+def test_send_now_sends_at_once_when_nothing_is_queued() -> None:
+    conn, theirs = _tcp_pair()
+    try:
+        httpclient.send_now(conn, b"data: 1\n\n")
+        # on the wire without the reactor running, and nothing left queued
+        assert theirs.recv(100) == b"data: 1\n\n"
+        assert not conn._tempDataBuffer and not conn.dataBuffer
+    finally:
+        conn.socket.close()
+        theirs.close()
+
+
+def test_send_now_queues_what_the_socket_does_not_take_and_keeps_the_order() -> None:
+    import socket
+
+    conn, theirs = _tcp_pair()
+    try:
+        conn.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        big = bytes(range(256)) * 4096  # 1 MiB: more than the socket buffers hold
+        httpclient.send_now(conn, big)
+        queued = sum(len(p) for p in conn._tempDataBuffer)
+        assert 0 < queued < len(big)
+        # with bytes queued, the next write goes behind them, not straight to the socket
+        httpclient.send_now(conn, b"after")
+        assert conn._tempDataBuffer[-1] == b"after"
+        received = bytearray()
+        while True:
+            try:
+                chunk = theirs.recv(1 << 20)
+            except BlockingIOError:
+                chunk = b""
+            if chunk:
+                received += chunk
+                continue
+            if not conn._tempDataBuffer and not conn.dataBuffer[conn.offset :]:
+                break
+            conn.doWrite()
+        assert bytes(received) == big + b"after"
+    finally:
+        conn.stopWriting()
+        conn.socket.close()
+        theirs.close()
+
+
+def test_send_now_leaves_other_transports_to_write() -> None:
+    from twisted.internet.testing import StringTransport
+
+    transport = StringTransport()
+    httpclient.send_now(transport, b"x")
+    assert transport.value() == b"x"
+    conn, theirs = _tcp_pair()
+    try:
+        conn.TLS = True  # bytes over TLS must go through the TLS layer
+        written: list[bytes] = []
+        conn.write = written.append
+        httpclient.send_now(conn, b"secret")
+        assert written == [b"secret"]
+        with pytest.raises(BlockingIOError):
+            theirs.recv(100)
+    finally:
+        conn.stopWriting()
+        conn.socket.close()
+        theirs.close()

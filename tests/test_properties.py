@@ -134,6 +134,22 @@ class SmallEvents(SSEUsageScanner):
     max_event = 64
 
 
+class SmallBatches(SSEUsageScanner):
+    batch = 16
+
+
+@FAST
+@given(sse_streams(), st.lists(st.integers(0, 10**6), max_size=20), st.booleans())
+def test_scanning_in_small_batches_finds_the_same(stream, cuts, strip):
+    """The scan works on batches of whole lines: where a batch ends changes nothing."""
+    _, data = stream
+    whole = SSEUsageScanner(strip)
+    expected = run(whole, [data])
+    small = SmallBatches(strip)
+    assert run(small, chunked(data, cuts)) == expected
+    assert (small.usage, small.text_chars) == (whole.usage, whole.text_chars)
+
+
 @FAST
 @given(
     st.lists(st.binary(min_size=1, max_size=200), min_size=1, max_size=40),

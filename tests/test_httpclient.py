@@ -1077,3 +1077,34 @@ def test_send_now_leaves_other_transports_to_write() -> None:
         conn.stopWriting()
         conn.socket.close()
         theirs.close()
+
+
+class ReadsBody(Body):
+    """A Body that also records ``read_done`` (after each socket read's bytes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[object] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        self.events.append(data)
+
+    def read_done(self) -> None:
+        self.events.append("read done")
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_body_protocol_hears_when_each_read_is_delivered(serve, http):
+    s = serve(answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"))
+    resp = yield get(http, s.url())
+    body = ReadsBody()
+    resp.deliverBody(body)
+    yield wait_for(lambda: body.data == b"hello")
+    s.conns[0].send(b"1\r\n!\r\n")
+    yield wait_for(lambda: body.events[-1:] == ["read done"] and body.data == b"hello!")
+    s.conns[0].send(b"0\r\n\r\n")
+    yield body.ended()
+    # after the read with "!" came "read done"
+    assert body.events[body.events.index(b"!") + 1] == "read done"
+    assert body.reasons[0].check(client.ResponseDone)

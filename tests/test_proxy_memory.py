@@ -369,3 +369,86 @@ def test_a_plugin_raising_in_authentication_or_key_choice_gets_a_500_envelope():
     c.post("/v1/chat/completions", CHAT)
     status, _, body = c.response()
     assert status == 500 and json.loads(body)["error"]["code"] == "internal_error"
+
+
+class CountingTransport(StringTransport):
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        super().write(data)
+
+    def writeSequence(self, seq) -> None:
+        self.writes += 1
+        super().writeSequence(seq)
+
+
+def _counting_client(gw) -> Client:
+    client = Client.__new__(Client)
+    client.site = GatewaySite(gw)
+    client.proto = client.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+    client.transport = CountingTransport(
+        hostAddress=IPv4Address("TCP", "127.0.0.1", 8080),
+        peerAddress=IPv4Address("TCP", "127.0.0.1", 5555),
+    )
+    client.proto.makeConnection(client.transport)
+    return client
+
+
+def test_a_json_answer_goes_to_the_client_in_one_write():
+    gw, clock, agent = make_gateway()
+    client = _counting_client(gw)
+    client.post("/v1/chat/completions", CHAT)
+    respond(agent.calls[0][4], body=OK)
+    # head and body together (twisted.web alone writes the head, then the body)
+    assert client.transport.writes == 1
+    status, _, body = client.response()
+    assert status == 200 and body == OK
+
+
+def test_a_json_answer_still_in_flight_is_sent_when_the_upstream_read_is_done():
+    gw, clock, agent = make_gateway()
+    client = _counting_client(gw)
+    client.post("/v1/chat/completions", CHAT)
+    response = respond(agent.calls[0][4], body=OK[:10], finish=False)
+    assert client.transport.value() == b""  # held while the read is being delivered
+    response._bodyProtocol.read_done()  # what yugongd's upstream client says after a read
+    assert client.transport.writes == 1
+    assert client.transport.value().startswith(b"HTTP/1.1 200 ")
+    assert OK[:10] in client.transport.value()
+    response._bodyDataReceived(OK[10:])
+    response._bodyDataFinished()
+    status, _, body = client.response()
+    assert status == 200 and body == OK
+
+
+def test_an_error_answer_goes_to_the_client_in_one_write():
+    gw, clock, agent = make_gateway(keys=0)
+    client = _counting_client(gw)
+    client.post("/v1/chat/completions", CHAT)
+    assert client.transport.writes == 1
+    status, _, body = client.response()
+    assert status == 503 and json.loads(body)["error"]["code"]
+
+
+def test_request_ids_are_fresh_random_hex_and_a_forked_child_does_not_reuse_them():
+    import os
+    import re
+
+    from yugongd import site
+
+    ids = [site._random_hex() for _ in range(1000)]  # crosses a refill of the pool
+    assert len(set(ids)) == 1000
+    assert all(re.fullmatch(r"[0-9a-f]{24}", i) for i in ids)
+    site._random_hex()  # the pool now holds unused ids
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its pool starts empty
+        os.write(write, b"empty" if not site._random else b"inherited")
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read, 20) == b"empty"
+    os.close(read)
+    os.close(write)

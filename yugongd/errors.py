@@ -45,8 +45,19 @@ def write_json(request: Request, status: int, body: bytes) -> None:
     request.setResponseCode(status)
     request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
     request.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
-    request.write(body)
-    request.finish()
+    channel = getattr(request, "channel", None)
+    cork = getattr(channel, "cork", None)
+    if cork is None:
+        request.write(body)
+        request.finish()
+        return
+    # head and body in one send (see GatewayChannel.cork)
+    cork()
+    try:
+        request.write(body)
+        request.finish()
+    finally:
+        channel.uncork()  # type: ignore[union-attr]
 
 
 def write_error(

@@ -264,6 +264,14 @@ class Response:
         elif self._buffer is not None:
             self._buffer.append(data)
 
+    def _read_done(self) -> None:
+        """The bytes of one read from the socket have all been delivered: a body protocol
+        with a ``read_done`` method (the proxy's, which holds a JSON response's writes to
+        send them together) hears of it."""
+        read_done = getattr(self._protocol, "read_done", None)
+        if read_done is not None and not self._stopped:
+            read_done()
+
     def _stop(self, reason: Failure) -> None:
         self._stopped = True
         self._finish(reason)
@@ -359,6 +367,8 @@ class _Connection(Protocol):
             return
         if self.message_done:
             self._message_end()
+        elif self.response is not None:
+            self.response._read_done()
 
     def connectionLost(self, reason: Failure = _DONE) -> None:
         self.connected_ = False

@@ -254,6 +254,9 @@ class _Relay(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.owner._body_data(data)
 
+    def read_done(self) -> None:
+        self.owner._uncork()
+
     def connectionLost(self, reason: Failure = _DONE) -> None:
         self.owner._body_done(reason)
 
@@ -336,6 +339,8 @@ class ProxiedRequest:
         self.scanner: SSEUsageScanner | None = None
         #: a stream's client connection, written to directly once the head is out
         self.direct: Any = None
+        #: the client channel holding a JSON response's writes (sent together at its end)
+        self.corked: Any = None
         self.json_parts: list[bytes] | None = None
         self.json_size = 0
         self.reached_upstream = False
@@ -636,9 +641,17 @@ class ProxiedRequest:
         ctype = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
         if ctype.startswith(b"text/event-stream"):
             self.scanner = SSEUsageScanner(self.strip_usage)
-        elif b"json" in ctype and response.code < 300:
-            self.json_parts = []
-            self.buffer_all = self.transform is not None
+        elif b"json" in ctype:
+            if response.code < 300:
+                self.json_parts = []
+                self.buffer_all = self.transform is not None
+            # what one upstream read brings (usually the whole answer) goes out in one send:
+            # held from here until the read is done (_Relay.read_done) or the body ends
+            channel = getattr(request, "channel", None)
+            cork = getattr(channel, "cork", None)
+            if cork is not None:
+                cork()
+                self.corked = channel
         rewrites = (self.scanner is not None and self.strip_usage) or self.buffer_all
         self._copy_headers(response.headers, keep_length=not rewrites)
         response.deliverBody(_Relay(self))
@@ -696,6 +709,11 @@ class ProxiedRequest:
         request.write(data)
         if self.scanner is not None and request.chunked and not request.finished:
             self.direct = request.channel.transport
+
+    def _uncork(self) -> None:
+        channel, self.corked = self.corked, None
+        if channel is not None:
+            channel.uncork()
 
     def _body_done(self, reason: Failure) -> None:
         self.upstream_time += self.gateway.clock.seconds() - self.attempt_started
@@ -755,6 +773,7 @@ class ProxiedRequest:
         if not self.finished and not self.client_gone:
             self.finished = True
             self.request.finish()
+        self._uncork()
         self._complete()
 
     # -- the client side ----------------------------------------------------------------
@@ -789,6 +808,7 @@ class ProxiedRequest:
 
     def _complete(self) -> None:
         """Account for the request, exactly once."""
+        self._uncork()
         gw = self.gateway
         if self in gw.inflight:
             gw.inflight.discard(self)

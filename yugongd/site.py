@@ -492,12 +492,14 @@ def _authorized(
     headers: dict[bytes, list[bytes]] = {}
     connection = request.requestHeaders.getRawHeaders(b"connection") or []
     extra_drop = {t.strip().lower() for v in connection for t in v.split(b",")}
+    # names as twisted.web's Headers keeps them (canonical case): the proxy's upstream
+    # Headers is made from this dict as it is (ProxiedRequest._next_attempt)
     for name, values in request.requestHeaders.getAllRawHeaders():
         lname = name.lower()
         if lname not in REQUEST_DROP and lname not in extra_drop:
-            headers[lname] = list(values)
-    headers[b"x-request-id"] = [call.request_id.encode()]
-    headers[b"accept-encoding"] = [b"identity"]
+            headers[name] = list(values)
+    headers[b"X-Request-Id"] = [call.request_id.encode()]
+    headers[b"Accept-Encoding"] = [b"identity"]
     query = request.uri.find(b"?")
     path = request.path[3:] + (request.uri[query:] if query >= 0 else b"")
     transform = None

@@ -158,15 +158,23 @@ class GatewayChannel(http.HTTPChannel):
         tcp_nodelay(self.transport)
         self.site.connection_opened(self)
 
+    _in_head = False
+
     def dataReceived(self, data: bytes) -> None:
         if self.line_mode and self._header_timer is None:
             # the first bytes of a request (line mode = reading a request line or headers)
+            self._in_head = True
+        super().dataReceived(data)
+        if self._in_head and self._header_timer is None and not self.transport.disconnecting:  # type: ignore[union-attr]
+            # the head did not come whole in this read: from now on it has
+            # limits.header_timeout to be complete (a head that does, as nearly every one
+            # does, costs no timer)
             self._header_timer = self.callLater(
                 self.site.gateway.config.limits.header_timeout, self._headers_too_slow
             )
-        super().dataReceived(data)
 
     def allHeadersReceived(self) -> None:
+        self._in_head = False
         self._cancel_header_timer()
         self.site.connection_busy(self)
         super().allHeadersReceived()
@@ -201,9 +209,10 @@ class GatewayChannel(http.HTTPChannel):
 
     def idle(self) -> bool:
         """Between requests (a keep-alive connection waiting for the next one)."""
-        return not self.requests and self._header_timer is None
+        return not self.requests and not self._in_head
 
     def connectionLost(self, reason: Failure = _CLOSED) -> None:
+        self._in_head = False
         self._cancel_header_timer()
         self.site.connection_closed(self)
         super().connectionLost(reason)

@@ -20,7 +20,7 @@ from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 from twisted.python import usage
 
-from yugongd import logtime
+from yugongd import leanpoll, logtime
 from yugongd.config import Config, ConfigError, default_config, load_config
 from yugongd.gateway import Gateway
 from yugongd.plugins import PluginLoadError
@@ -127,6 +127,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         reactor = default_reactor
     # twistd's log lines (the access log: one per request) get their timestamp once a second
     logtime.install()
+    # the epoll loop without a log context pushed around every read and write
+    leanpoll.install(reactor)
     path = options["config"]
     try:
         config = load(path)

@@ -207,6 +207,7 @@ class Response:
         "previousResponse",
         "_conn",
         "_protocol",
+        "_read_done_cb",
         "_buffer",
         "_end",
         "_delivering",
@@ -230,6 +231,7 @@ class Response:
         self.previousResponse = None
         self._conn = conn
         self._protocol: Any = None
+        self._read_done_cb: Any = None
         self._buffer: list[bytes] | None = []
         self._end: Failure | None = None
         self._delivering = False
@@ -240,6 +242,7 @@ class Response:
         if self._protocol is not None:
             raise RuntimeError("the response body was already delivered")
         self._protocol = protocol
+        self._read_done_cb = getattr(protocol, "read_done", None)
         self._delivering = True
         try:
             protocol.makeConnection(_BodyTransport(self._conn, self))
@@ -270,7 +273,7 @@ class Response:
         """The bytes of one read from the socket have all been delivered: a body protocol
         with a ``read_done`` method (the proxy's, which holds a JSON response's writes to
         send them together) hears of it."""
-        read_done = getattr(self._protocol, "read_done", None)
+        read_done = self._read_done_cb
         if read_done is not None and not self._stopped:
             read_done()
 

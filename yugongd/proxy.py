@@ -257,11 +257,16 @@ class _Relay(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.owner._body_data(data)
 
-    def read_done(self) -> None:
-        self.owner._uncork()
-
     def connectionLost(self, reason: Failure = _DONE) -> None:
         self.owner._body_done(reason)
+
+
+class _CorkedRelay(_Relay):
+    """A :class:`_Relay` for a response whose writes are held (``ProxiedRequest.corked``)
+    until the upstream read that brought them is delivered."""
+
+    def read_done(self) -> None:
+        self.owner._uncork()
 
 
 def _retry_after(headers: Headers, status: int) -> float | None:
@@ -334,6 +339,7 @@ class ProxiedRequest:
         self.pending: defer.Deferred[IResponse] | None = None
         self.first_byte_timer: IDelayedCall | None = None
         self.idle_timer: IDelayedCall | None = None
+        self.last_data_at = 0.0
         self.timed_out = False
         self.idle_timed_out = False
         self.upstream_transport: Any = None
@@ -654,7 +660,7 @@ class ProxiedRequest:
                 self.corked = channel
         rewrites = (self.scanner is not None and self.strip_usage) or self.buffer_all
         self._copy_headers(response.headers, keep_length=not rewrites)
-        response.deliverBody(_Relay(self))
+        response.deliverBody(_CorkedRelay(self) if self.corked is not None else _Relay(self))
 
     def _body_started(self, transport: Any) -> None:
         self.upstream_transport = transport
@@ -664,6 +670,7 @@ class ProxiedRequest:
     def _start_idle_timer(self) -> None:
         idle = self.key.endpoint.timeouts.idle if self.key else 0
         if idle and self.idle_timer is None and self.upstream_transport is not None:
+            self.last_data_at = self.gateway.clock.seconds()
             self.idle_timer = self.gateway.reactor.callLater(idle, self._idle_timeout)
 
     def _stop_idle_timer(self) -> None:
@@ -674,13 +681,20 @@ class ProxiedRequest:
 
     def _idle_timeout(self) -> None:
         self.idle_timer = None
+        # bytes since the timer was set move its deadline (noted per read as a time, which
+        # costs less than rescheduling the timer for every relayed event)
+        idle = self.key.endpoint.timeouts.idle if self.key else 0
+        due = self.last_data_at + idle - self.gateway.clock.seconds()
+        if due > 0 and self.upstream_transport is not None:
+            self.idle_timer = self.gateway.reactor.callLater(due, self._idle_timeout)
+            return
         self.idle_timed_out = True
         if self.upstream_transport is not None:
             self.upstream_transport.stopProducing()
 
     def _body_data(self, data: bytes) -> None:
-        if self.idle_timer is not None and self.key is not None:
-            self.idle_timer.reset(self.key.endpoint.timeouts.idle)
+        if self.idle_timer is not None:
+            self.last_data_at = self.gateway.clock.seconds()
         if self.scanner is not None:
             data = self.scanner.feed(data)
         elif self.json_parts is not None:

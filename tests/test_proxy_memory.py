@@ -452,3 +452,22 @@ def test_request_ids_are_fresh_random_hex_and_a_forked_child_does_not_reuse_them
     assert os.read(read, 20) == b"empty"
     os.close(read)
     os.close(write)
+
+
+def test_the_idle_timeout_counts_from_the_last_upstream_bytes():
+    gw, clock, agent = make_gateway(keys=1)  # timeouts.idle = 5
+    c = Client(gw)
+    c.post("/v1/chat/completions", {**CHAT, "stream": True})
+    response = respond(
+        agent.calls[0][4], 200, finish=False, headers={"content-type": "text/event-stream"}
+    )
+    upstream = response._transport
+    event = b'data: {"choices": [{"delta": {"content": "abc"}}]}\n\n'
+    for _ in range(4):  # bytes every 4 s: never idle for 5
+        clock.advance(4)
+        response._bodyDataReceived(event)
+    assert upstream.producerState == "producing"
+    clock.advance(4.9)
+    assert upstream.producerState == "producing"
+    clock.advance(0.2)  # 5.1 s since the last bytes
+    assert upstream.producerState == "stopped"

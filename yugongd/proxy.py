@@ -754,7 +754,7 @@ class ProxiedRequest:
             self._complete()
             return
         self.request.unregisterProducer()
-        complete = reason.check(*_COMPLETE) is not None
+        complete = isinstance(reason.value, _COMPLETE)  # (Failure.check formats class names)
         if tail:
             self._write(tail)
         if complete:

@@ -729,17 +729,42 @@ def test_cancel_while_connecting(serve, http):
 def test_cancel_while_connecting_cancels_the_connect(http, monkeypatch):
     cancelled: list[bool] = []
 
-    class Pending:
-        def connect(self, factory: Any) -> defer.Deferred[Any]:
-            return defer.Deferred(lambda d: cancelled.append(True))
-
-    monkeypatch.setattr(http, "_endpoint", lambda key, timeout: Pending())
+    monkeypatch.setattr(
+        http, "_connect", lambda key, timeout: defer.Deferred(lambda d: cancelled.append(True))
+    )
     d = http.agent(1.0).request(b"GET", b"http://192.0.2.1/")
     assert not d.called
     d.cancel()
     (reason,) = yield failure_of(d)
     assert reason.check(defer.CancelledError)
     assert cancelled == [True]
+
+
+def test_an_upstream_at_an_address_is_connected_to_without_an_endpoint() -> None:
+    from twisted.internet.testing import MemoryReactorClock
+
+    mem = MemoryReactorClock()
+    c = HTTPClient(mem)
+    d = c.agent(2.5).request(b"GET", b"http://192.0.2.1:8080/x")
+    host, port, factory, timeout, _ = mem.tcpClients[0]
+    assert (host, port, timeout) == ("192.0.2.1", 8080, 2.5)
+    assert isinstance(factory, httpclient._DirectFactory)
+    # cancelled while connecting: fails at once, and the connect attempt is stopped
+    d.cancel()
+    failed: list[Failure] = []
+    d.addErrback(failed.append)
+    assert failed and failed[0].check(defer.CancelledError)
+    assert mem.connectors[0].stoppedConnecting
+    # a connect that fails reports the reason, as an endpoint's connect would
+    d2 = c.agent(2.5).request(b"GET", b"http://[::1]:8080/x")
+    host, port, factory, _, _ = mem.tcpClients[1]
+    assert (host, port) == ("::1", 8080)
+    factory.clientConnectionFailed(mem.connectors[1], Failure(error.ConnectionRefusedError()))
+    d2.addErrback(failed.append)
+    assert failed[1].check(error.ConnectionRefusedError)
+    # a name goes through an endpoint (resolution, TLS), never connectTCP directly
+    c.agent(2.5).request(b"GET", b"http://upstream.invalid/x").addErrback(lambda f: None)
+    assert all(not isinstance(e[2], httpclient._DirectFactory) for e in mem.tcpClients[2:])
 
 
 @pytest.mark.parametrize("reused", [False, True], ids=["new", "reused"])

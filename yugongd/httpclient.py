@@ -36,8 +36,8 @@ import httptools
 from twisted.internet import defer, tcp
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.error import ConnectionAborted, ConnectionDone
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.error import ConnectingCancelledError, ConnectionAborted, ConnectionDone
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import client
@@ -293,6 +293,9 @@ class Response:
 class _Connection(Protocol):
     """One upstream HTTP/1.1 connection: one request at a time, kept alive between."""
 
+    #: fired with the connection once it is made (connections made by :class:`_DirectFactory`)
+    made: defer.Deferred[Any] | None = None
+
     def __init__(self, owner: HTTPClient, key: tuple[bytes, bytes, int]) -> None:
         self.owner = owner
         self.key = key
@@ -325,6 +328,9 @@ class _Connection(Protocol):
     def connectionMade(self) -> None:
         self.connected_ = True
         tcp_nodelay(self.transport)
+        made, self.made = self.made, None
+        if made is not None and not made.called:
+            made.callback(self)
 
     def send(self, method: bytes, head: bytes, body: bytes, d: defer.Deferred[Any]) -> None:
         self.uses += 1
@@ -514,6 +520,29 @@ class _ConnectionFactory(Factory):
         return _Connection(self.owner, self.key)
 
 
+class _DirectFactory(ClientFactory):
+    """``reactor.connectTCP`` for an upstream at an IP address, without an endpoint: the
+    endpoint's wrapping factory and protocol cost a few objects per new connection and one
+    more Python call on every read of it. The connection's ``made`` Deferred fires with the
+    protocol, or fails with the reason the connection failed (as the endpoint's would)."""
+
+    noisy = False
+
+    def __init__(self, owner: HTTPClient, key: tuple[bytes, bytes, int]) -> None:
+        self.owner = owner
+        self.key = key
+        self.made: defer.Deferred[Any] | None = None
+
+    def buildProtocol(self, addr: Any) -> _Connection:
+        conn = _Connection(self.owner, self.key)
+        conn.made = self.made
+        return conn
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        if self.made is not None and not self.made.called:
+            self.made.errback(reason)
+
+
 class HTTPClient:
     """Persistent upstream connections shared by every upstream; agents per connect timeout."""
 
@@ -528,6 +557,8 @@ class HTTPClient:
         #: scheme://host[:port] -> (pool key, Host header value)
         self._origins: dict[bytes, tuple[tuple[bytes, bytes, int], bytes]] = {}
         self._endpoints: dict[tuple[tuple[bytes, bytes, int], float], Any] = {}
+        #: per origin: whether it is connected to without an endpoint (an IP address, http)
+        self._direct: dict[tuple[bytes, bytes, int], bool] = {}
         self._endpoint_factories: dict[float, Any] = {}
         self._closing: list[defer.Deferred[None]] = []
 
@@ -610,9 +641,8 @@ class HTTPClient:
         holder: list[_Connection | None],
         d: defer.Deferred[Any],
     ) -> None:
-        endpoint = self._endpoint(key, connect_timeout)
         holder[0] = None
-        connecting = endpoint.connect(_ConnectionFactory(self, key))
+        connecting = self._connect(key, connect_timeout)
         cancelled = [False]
 
         def connected(conn: _Connection) -> None:
@@ -673,6 +703,39 @@ class HTTPClient:
         if b":" in uri.host and not uri.host.startswith(b"["):
             host = b"[%s]" % uri.host if uri.port == default else b"[%s]:%d" % (uri.host, uri.port)
         return (uri.scheme, uri.host, uri.port), host
+
+    def _connect(
+        self, key: tuple[bytes, bytes, int], connect_timeout: float
+    ) -> defer.Deferred[Any]:
+        """A new connection to ``key``'s origin (a Deferred of its :class:`_Connection`)."""
+        direct = self._direct.get(key)
+        if direct is None:
+            scheme, host, _ = key
+            literal = host.decode("ascii", "replace")
+            direct = self._direct[key] = (
+                scheme == b"http"
+                and (isIPAddress(literal) or isIPv6Address(literal))
+                and hasattr(self.reactor, "connectTCP")
+            )
+        if not direct:
+            return self._endpoint(key, connect_timeout).connect(_ConnectionFactory(self, key))
+        factory = _DirectFactory(self, key)
+        connector: list[Any] = []
+
+        def cancel(d: defer.Deferred[Any]) -> None:
+            # as an endpoint's connect does: the attempt ends, the Deferred fails at once
+            if not d.called:
+                d.errback(Failure(ConnectingCancelledError(connector[0].getDestination())))
+            connector[0].stopConnecting()
+
+        made: defer.Deferred[Any] = defer.Deferred(cancel)
+        factory.made = made
+        connector.append(
+            self.reactor.connectTCP(
+                key[1].decode("ascii"), key[2], factory, timeout=connect_timeout
+            )
+        )
+        return made
 
     def _endpoint(self, key: tuple[bytes, bytes, int], connect_timeout: float) -> Any:
         cached = self._endpoints.get((key, connect_timeout))

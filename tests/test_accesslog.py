@@ -228,3 +228,43 @@ def test_twistd_log_observer_uses_the_memo():
     logtime.install()
     logtime.install()  # twice is harmless
     assert _file.formatTime.__name__ == "format_time"
+
+
+def test_access_lines_are_formatted_as_twisted_formats_them():
+    """logtime.classic_text skips string.Formatter for access lines; every event must come
+    out as Twisted's formatEventAsClassicLogText writes it."""
+    from twisted.logger import LogLevel, formatEventAsClassicLogText
+    from twisted.python.failure import Failure
+
+    from yugongd.logtime import LINE_FORMAT, classic_text
+
+    try:
+        raise ZeroDivisionError("boom")
+    except ZeroDivisionError:
+        failure = Failure()
+    base = {"log_format": LINE_FORMAT, "log_time": 1711846800.25, "log_level": LogLevel.info}
+    events = [
+        {**base, "access_line": "request_id=r1 status=200", "log_namespace": "yugongd.access"},
+        {**base, "access_line": "two\nlines", "log_namespace": "yugongd.access"},
+        {**base, "access_line": ""},
+        {**base, "access_line": "no namespace"},
+        {**base, "access_line": "no level", "log_level": None},
+        {**base, "access_line": "sys", "log_system": "HTTPChannel,3,127.0.0.1"},
+        {**base, "access_line": "failed", "log_failure": failure},
+        {**base, "access_line": 42},
+        {**base, "access_line": "{braces} stay"},
+        {**base},  # the field missing
+        {"log_format": "other {x}", "x": 1, "log_time": 1.0, "log_level": LogLevel.warn},
+        {"log_time": 1.0},
+    ]
+    for event in events:
+        assert classic_text(dict(event)) == formatEventAsClassicLogText(dict(event)), event
+
+
+def test_twistd_log_observer_formats_access_lines_the_short_way():
+    from twisted.logger import _file
+
+    from yugongd import logtime
+
+    logtime.install()
+    assert _file.formatEventAsClassicLogText is logtime.classic_text

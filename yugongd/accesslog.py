@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 
+from yugongd.logtime import LINE_FORMAT
+
 if TYPE_CHECKING:
     from yugongd.model import Call, Outcome
 
@@ -133,5 +135,5 @@ def emit(call: Call, outcome: Outcome, fmt: str = "text") -> str:
     record = access_record(call, outcome)
     line = format_json(record) if fmt == "json" else format_text(record)
     # the line is a field, never the format string: braces in it are not interpreted
-    log.info("{access_line}", access_line=line, access=record)
+    log.info(LINE_FORMAT, access_line=line, access=record)
     return line

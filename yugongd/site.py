@@ -15,13 +15,12 @@ from urllib.parse import unquote_to_bytes
 
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.error import ConnectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http, resource, server
+from twisted.web import resource, server
 
+from yugongd.channel import GatewayChannel
 from yugongd.errors import write_error
-from yugongd.httpclient import send_now, tcp_nodelay
 from yugongd.model import Call, Denial, Outcome
 from yugongd.plugins import notify
 from yugongd.pool import models_match
@@ -90,139 +89,6 @@ class GatewayRequest(server.Request):
             self.content.write(data)
 
 
-_CLOSED = Failure(ConnectionDone())
-_REQUEST_TIMEOUT_RESPONSE = (
-    b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-)
-
-
-class GatewayChannel(http.HTTPChannel):
-    """One client connection, with two bounds twisted.web does not have.
-
-    - ``limits.header_timeout``: a request's line and headers must be complete within this
-      many seconds of its first byte (slowloris: the idle timeout alone is reset by every
-      byte, so a client sending a byte a minute would hold the connection forever).
-    - The connection registers with its site, which closes the longest-idle keep-alive
-      connection when ``limits.max_connections`` is reached.
-    """
-
-    _header_timer: Any = None
-    _host: Any = None
-    #: while a whole response is being written: its pieces, sent together by :meth:`uncork`
-    _corked: list[bytes] | None = None
-    site: GatewaySite
-
-    def getHost(self) -> Any:
-        # twisted.web's Request asks for it on every request: one getsockname() per connection
-        host = self._host
-        if host is None:
-            host = self._host = super().getHost()
-        return host
-
-    def cork(self) -> None:
-        """Hold what is written until :meth:`uncork`: a response written as head, body and
-        end goes out in one ``send`` instead of three queued writes and an epoll round."""
-        if self._corked is None:
-            self._corked = []
-
-    def uncork(self) -> None:
-        corked, self._corked = self._corked, None
-        if corked and self.transport is not None:
-            send_now(self.transport, b"".join(corked))
-
-    def write(self, data: bytes) -> None:
-        if self._corked is not None:
-            self._corked.append(data)
-        else:
-            self.transport.write(data)  # type: ignore[union-attr]
-
-    def writeSequence(self, iovec: list[bytes]) -> None:
-        if self._corked is not None:
-            self._corked.extend(iovec)
-        else:
-            self.transport.writeSequence(iovec)  # type: ignore[union-attr]
-
-    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
-        if self._corked is None:
-            super().writeHeaders(version, code, reason, headers)
-            return
-        head = [version, b" ", code, b" ", reason, b"\r\n"]
-        for name, values in headers.getAllRawHeaders():
-            for value in values:
-                head.extend((name, b": ", value, b"\r\n"))
-        head.append(b"\r\n")
-        self._corked.extend(head)
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        tcp_nodelay(self.transport)
-        self.site.connection_opened(self)
-
-    _in_head = False
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.line_mode and self._header_timer is None:
-            # the first bytes of a request (line mode = reading a request line or headers)
-            self._in_head = True
-        super().dataReceived(data)
-        if self._in_head and self._header_timer is None and not self.transport.disconnecting:  # type: ignore[union-attr]
-            # the head did not come whole in this read: from now on it has
-            # limits.header_timeout to be complete (a head that does, as nearly every one
-            # does, costs no timer)
-            self._header_timer = self.callLater(
-                self.site.gateway.config.limits.header_timeout, self._headers_too_slow
-            )
-
-    def allHeadersReceived(self) -> None:
-        self._in_head = False
-        self._cancel_header_timer()
-        self.site.connection_busy(self)
-        super().allHeadersReceived()
-
-    def _cancel_header_timer(self) -> None:
-        if self._header_timer is not None:
-            if self._header_timer.active():
-                self._header_timer.cancel()
-            self._header_timer = None
-
-    def _headers_too_slow(self) -> None:
-        self._header_timer = None
-        log.info(
-            "client {peer}: request headers not complete within {timeout}s; closing",
-            peer=str(self.transport.getPeer()) if self.transport is not None else "?",
-            timeout=f"{self.site.gateway.config.limits.header_timeout:g}",
-        )
-        self.transport.write(_REQUEST_TIMEOUT_RESPONSE)  # type: ignore[union-attr]
-        self.timeoutConnection()
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        """A request line or one header line over 16 kB: say which (LineReceiver would
-        close the connection without a word)."""
-        if self.requests:
-            status = b"431 Request Header Fields Too Large"
-        else:
-            status = b"414 URI Too Long"
-        self.transport.write(  # type: ignore[union-attr]
-            b"HTTP/1.1 " + status + b"\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-        )
-        self.loseConnection()
-
-    def idle(self) -> bool:
-        """Between requests (a keep-alive connection waiting for the next one)."""
-        return not self.requests and not self._in_head
-
-    def connectionLost(self, reason: Failure = _CLOSED) -> None:
-        self._in_head = False
-        self._cancel_header_timer()
-        self.site.connection_closed(self)
-        super().connectionLost(reason)
-
-
-def _channel_factory(site: Any) -> Any:
-    # the wrapper twisted.web uses to switch to HTTP/2 when TLS negotiates it
-    return http._GenericHTTPChannelProtocol(GatewayChannel())
-
-
 class GatewaySite(server.Site):
     """The ``Site`` of every listener; twisted.web's own access log is off (see the gateway's).
 
@@ -232,7 +98,7 @@ class GatewaySite(server.Site):
     """
 
     requestFactory = GatewayRequest
-    protocol = _channel_factory
+    protocol = GatewayChannel  # type: ignore[assignment]
     noisy = False
     displayTracebacks = False
 

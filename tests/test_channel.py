@@ -264,3 +264,41 @@ def test_a_head_sent_in_pieces_over_the_limit_is_refused():
         c.send(b"a" * 1024)
     assert c.out().startswith(b"HTTP/1.1 431 ")
     assert c.transport.disconnecting
+
+
+def test_answers_carry_server_and_a_current_date():
+    from twisted.web.http import datetimeToString, stringToDatetime
+
+    from yugongd.site import http_date
+
+    c = Conn()
+    c.send(GET)
+    answer(c.res.requests[0])
+    head = c.out().split(b"\r\n\r\n")[0].split(b"\r\n")
+    fields = dict(line.split(b": ", 1) for line in head[1:])
+    assert fields[b"Server"] == server.version
+    import time
+
+    assert abs(stringToDatetime(fields[b"Date"]) - time.time()) < 2
+    for _ in range(3):
+        before = datetimeToString()
+        got = http_date()
+        assert got in (before, datetimeToString())
+
+
+def test_a_resource_answering_with_bytes_and_a_failing_one():
+    class Bytes(resource.Resource):
+        isLeaf = True
+
+        def render(self, request):
+            if request.path == b"/boom":
+                raise RuntimeError("boom")
+            return b"hello"
+
+    c = Conn()
+    c.site.resource = Bytes()
+    c.send(GET)
+    out = c.out()
+    assert out.startswith(b"HTTP/1.1 200 ") and out.endswith(b"\r\n\r\nhello")
+    c.send(b"GET /boom HTTP/1.1\r\n\r\n")
+    assert c.out().startswith(b"HTTP/1.1 500 ")

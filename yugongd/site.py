@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
@@ -17,7 +18,7 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import resource, server
+from twisted.web import http, resource, server
 
 from yugongd.channel import GatewayChannel
 from yugongd.errors import write_error
@@ -53,6 +54,18 @@ class _Discard:
         pass
 
 
+_date: list[Any] = [None, b""]
+
+
+def http_date() -> bytes:
+    """``http.datetimeToString()`` for now, made once a second."""
+    second = int(time.time())
+    if _date[0] != second:
+        _date[1] = http.datetimeToString(second)
+        _date[0] = second
+    return _date[1]
+
+
 class GatewayRequest(server.Request):
     """A request whose body is refused past ``limits.max_body`` while it is read.
 
@@ -63,6 +76,22 @@ class GatewayRequest(server.Request):
 
     too_large = False
     _body_size = 0
+
+    def process(self) -> None:
+        """twisted.web's ``process`` without the per-request work the gateway does not use:
+        no resource-tree walk (the root resource is a leaf that dispatches on the path
+        itself), no encoder lookup, and the ``Date`` header made once a second."""
+        self.site = site = self.channel.site  # type: ignore[attr-defined]
+        headers = self.responseHeaders._rawHeaders
+        headers[b"Server"] = [server.version]
+        headers[b"Date"] = [http_date()]
+        self.prepath = []
+        self.postpath = []
+        self.sitepath: list[bytes] = []
+        try:
+            self.render(site.resource)
+        except BaseException:
+            self.processingFailed(Failure())
 
     def _max_body(self) -> int:
         return int(self.channel.site.max_body)  # type: ignore[attr-defined]

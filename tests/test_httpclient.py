@@ -1133,3 +1133,39 @@ def test_a_body_protocol_hears_when_each_read_is_delivered(serve, http):
     # after the read with "!" came "read done"
     assert body.events[body.events.index(b"!") + 1] == "read done"
     assert body.reasons[0].check(client.ResponseDone)
+
+
+def test_idle_connections_time_out_from_one_sweep_timer() -> None:
+    """One timer for the pool (not a callLater and a cancel per request): each idle
+    connection closes idle_timeout after it was released, the oldest first."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    mem = MemoryReactorClock()
+    pool = HTTPClient(mem, idle_timeout=10.0)
+    closed: list[str] = []
+
+    class Conn:
+        def __init__(self, name: str, key: tuple[bytes, bytes, int]) -> None:
+            self.name, self.key, self.idle_since = name, key, 0.0
+
+        def idle_timeout(self) -> None:
+            closed.append(self.name)
+
+    k1, k2 = (b"http", b"a", 80), (b"http", b"b", 80)
+    pool._release(Conn("a", k1))  # type: ignore[arg-type]
+    mem.advance(4)
+    pool._release(Conn("b", k1))  # type: ignore[arg-type]
+    mem.advance(2)
+    pool._release(Conn("c", k2))  # type: ignore[arg-type]
+    assert len(mem.getDelayedCalls()) == 1
+    mem.advance(3.9)
+    assert closed == []
+    mem.advance(0.1)  # t=10
+    assert closed == ["a"]
+    mem.advance(3.9)
+    assert closed == ["a"]
+    mem.advance(0.1)  # t=14
+    assert closed == ["a", "b"]
+    mem.advance(2)  # t=16
+    assert closed == ["a", "b", "c"]
+    assert pool.idle_connections() == 0 and mem.getDelayedCalls() == []

@@ -310,7 +310,8 @@ class _Connection(Protocol):
         self.message_done = False
         self.keep_alive = False
         self.head_only = False
-        self.idle_call: Any = None
+        #: when it went back to the pool (the pool's sweep closes it idle_timeout later)
+        self.idle_since = 0.0
         self.uses = 0
         self.connected_ = False
         self.retry: tuple[Any, ...] | None = None
@@ -384,9 +385,6 @@ class _Connection(Protocol):
     def connectionLost(self, reason: Failure = _DONE) -> None:
         self.connected_ = False
         self.owner._forget(self)
-        if self.idle_call is not None and self.idle_call.active():
-            self.idle_call.cancel()
-        self.idle_call = None
         if self.d is not None:
             d, self.d = self.d, None
             if self.retry is not None and not self.got_bytes:
@@ -503,7 +501,6 @@ class _Connection(Protocol):
     # -- the pool's side ------------------------------------------------------------------
 
     def idle_timeout(self) -> None:
-        self.idle_call = None
         self.owner._forget(self)
         if self.transport is not None:
             self.transport.loseConnection()
@@ -561,6 +558,8 @@ class HTTPClient:
         self._direct: dict[tuple[bytes, bytes, int], bool] = {}
         self._endpoint_factories: dict[float, Any] = {}
         self._closing: list[defer.Deferred[None]] = []
+        #: one timer for every idle connection's timeout (see _sweep), not one per request
+        self._sweep_call: Any = None
 
     def agent(self, connect_timeout: float) -> UpstreamAgent:
         return UpstreamAgent(self, connect_timeout)
@@ -619,10 +618,7 @@ class HTTPClient:
         holder: list[_Connection | None] = [None]
         idle = self._idle.get(key)
         while idle:
-            conn = idle.pop()
-            if conn.idle_call is not None and conn.idle_call.active():
-                conn.idle_call.cancel()
-            conn.idle_call = None
+            conn = idle.pop()  # the most recently used: the oldest are left to time out
             if conn.connected_ and conn.transport is not None and not conn.aborted:
                 holder[0] = conn
                 conn.retry = (key, connect_timeout, method, head, body, holder)
@@ -766,8 +762,26 @@ class HTTPClient:
         if len(idle) >= self.max_idle_per_host:
             conn.abort()
             return
+        conn.idle_since = self.reactor.seconds()
         idle.append(conn)
-        conn.idle_call = self.reactor.callLater(self.idle_timeout, conn.idle_timeout)
+        if self._sweep_call is None:
+            self._sweep_call = self.reactor.callLater(self.idle_timeout, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close the connections idle for ``idle_timeout``; come back for the next one due.
+        (Each idle list is in the order the connections were released: oldest first.)"""
+        self._sweep_call = None
+        now = self.reactor.seconds()
+        due = None
+        for idle in list(self._idle.values()):
+            while idle and idle[0].idle_since + self.idle_timeout <= now:
+                idle.pop(0).idle_timeout()
+            if idle and (due is None or idle[0].idle_since < due):
+                due = idle[0].idle_since
+        if due is not None:
+            self._sweep_call = self.reactor.callLater(
+                max(0.0, due + self.idle_timeout - now), self._sweep
+            )
 
     def _forget(self, conn: _Connection) -> None:
         self._all.discard(conn)
@@ -785,11 +799,12 @@ class HTTPClient:
         for conn in list(self._all):
             if conn.d is not None or conn.response is not None:
                 conn.abort()
+        if self._sweep_call is not None:
+            if self._sweep_call.active():
+                self._sweep_call.cancel()
+            self._sweep_call = None
         for idle in list(self._idle.values()):
             for conn in list(idle):
-                if conn.idle_call is not None and conn.idle_call.active():
-                    conn.idle_call.cancel()
-                conn.idle_call = None
                 if conn.transport is not None:
                     conn.transport.loseConnection()
         self._idle.clear()

@@ -268,3 +268,25 @@ def test_twistd_log_observer_formats_access_lines_the_short_way():
 
     logtime.install()
     assert _file.formatEventAsClassicLogText is logtime.classic_text
+
+
+def test_the_access_event_is_the_one_logger_info_makes(monkeypatch):
+    """accesslog.emit builds the event itself (skipping Logger.emit's level check): it must
+    carry what log.info(LINE_FORMAT, access_line=..., access=...) would."""
+    from yugongd.logtime import LINE_FORMAT
+
+    ours: list[dict] = []
+    theirs: list[dict] = []
+    monkeypatch.setattr(accesslog, "log", Logger(namespace="yugongd.access", observer=ours.append))
+    gw, clock, agent = make_gateway()
+    Client(gw).send("POST", "/v1/chat/completions", chat(), None)
+    (event,) = ours
+    Logger(namespace="yugongd.access", observer=theirs.append).info(
+        LINE_FORMAT, access_line=event["access_line"], access=event["access"]
+    )
+    (expected,) = theirs
+    assert set(event) == set(expected)
+    for name in expected:
+        if name not in ("log_time", "log_logger"):
+            assert event[name] == expected[name], name
+    assert abs(event["log_time"] - expected["log_time"]) < 5

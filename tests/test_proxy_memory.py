@@ -471,3 +471,37 @@ def test_the_idle_timeout_counts_from_the_last_upstream_bytes():
     assert upstream.producerState == "producing"
     clock.advance(0.2)  # 5.1 s since the last bytes
     assert upstream.producerState == "stopped"
+
+
+def test_headers_parsed_by_our_client_reach_the_client_canonical_and_filtered():
+    from yugongd.httpclient import ResponseHeaders
+
+    gw, clock, agent = make_gateway()
+    c = Client(gw)
+    c.post("/v1/chat/completions", CHAT)
+    hdrs = ResponseHeaders(
+        [
+            (b"content-type", b"application/json"),
+            (b"x-ratelimit-remaining-requests", b"99"),
+            (b"openai-processing-ms", b"12 "),
+            (b"connection", b"keep-alive, x-hop"),
+            (b"x-hop", b"1"),
+            (b"set-cookie", b"a=b"),
+            (b"content-length", b"%d" % len(OK)),
+            (b"x-many", b"1"),
+            (b"x-many", b"2"),
+        ]
+    )
+    response = Response._construct((b"HTTP", 1, 1), 200, b"OK", hdrs, StringTransport(), None)
+    agent.calls[0][4].callback(response)
+    response._bodyDataReceived(OK)
+    response._bodyDataFinished()
+    raw = c.transport.value()
+    head = raw.split(b"\r\n\r\n")[0]
+    assert b"\r\nContent-Type: application/json\r\n" in head
+    assert b"\r\nX-Ratelimit-Remaining-Requests: 99\r\n" in head
+    assert b"\r\nOpenai-Processing-Ms: 12 \r\n" in head
+    assert b"\r\nX-Many: 1\r\nX-Many: 2\r\n" in head
+    assert b"X-Hop" not in head and b"Set-Cookie" not in head and b"keep-alive" not in head
+    assert head.count(b"Content-Length") == 1 and b"\r\nContent-Length: %d\r\n" % len(OK) in head
+    assert c.response()[2] == OK

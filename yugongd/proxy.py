@@ -28,8 +28,9 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
+from yugongd.channel import canonical_name
 from yugongd.errors import error_body, sse_error_event, write_error
-from yugongd.httpclient import send_now
+from yugongd.httpclient import ResponseHeaders, send_now
 from yugongd.model import AttemptFailure, Call, FailureDecision, Outcome
 from yugongd.plugins import notify
 from yugongd.ratelimit import parse_duration, parse_int, parse_retry_after
@@ -629,13 +630,19 @@ class ProxiedRequest:
         out = self.request.responseHeaders
         connection = headers.getRawHeaders(b"connection") or []
         extra_drop = {t.strip().lower() for v in connection for t in v.split(b",")}
+        # what our upstream client parsed (llhttp: token names, no CR or LF in a value) goes
+        # in as it is, under twisted.web's canonical name; another agent's headers go
+        # through setRawHeaders' checks
+        raw = out._rawHeaders if type(headers) is ResponseHeaders else None
         for name, values in headers.getAllRawHeaders():
             lname = name.lower()
             if lname in RESPONSE_DROP or lname in extra_drop:
-                if keep_length and lname == b"content-length":
-                    out.setRawHeaders(name, values)
-                continue
-            out.setRawHeaders(name, values)
+                if not (keep_length and lname == b"content-length"):
+                    continue
+            if raw is not None:
+                raw[canonical_name(lname)] = list(values)
+            else:
+                out.setRawHeaders(name, values)
         out.setRawHeaders(b"x-request-id", [self.call.request_id.encode()])
         for name, value in self.call.response_headers.items():
             out.setRawHeaders(name, [value])

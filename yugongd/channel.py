@@ -34,7 +34,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import httptools
-from twisted.internet import interfaces, tcp
+from twisted.internet import interfaces
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -543,12 +543,3 @@ class GatewayChannel(Protocol):
         self._reading_paused = False
         if self.transport is not None and not self._done:
             self.transport.resumeProducing()  # type: ignore[attr-defined]
-
-
-def is_new_work(selectable: Any) -> bool:
-    """For :mod:`yugongd.leanpoll`: a ready listening socket (connections to accept) or a
-    ready client connection on which no request is in progress (the next one arriving)."""
-    if isinstance(selectable, tcp.Port):
-        return True
-    protocol = getattr(selectable, "protocol", None)
-    return type(protocol) is GatewayChannel and not protocol.requests

@@ -21,7 +21,6 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from yugongd import leanpoll, logtime
-from yugongd.channel import is_new_work
 from yugongd.config import Config, ConfigError, default_config, load_config
 from yugongd.gateway import Gateway
 from yugongd.plugins import PluginLoadError
@@ -128,9 +127,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         reactor = default_reactor
     # twistd's log lines (the access log: one per request) get their timestamp once a second
     logtime.install()
-    # the epoll loop without a log context pushed around every read and write, taking new
-    # connections and requests in slices when many are ready at once
-    leanpoll.install(reactor, is_new_work)
+    # the epoll loop without a log context pushed around every read and write
+    leanpoll.install(reactor)
     path = options["config"]
     try:
         config = load(path)

@@ -317,3 +317,69 @@ def test_limits_read_back(max_body, idle, header, connections):
     limits = parse_config(yaml.safe_load(text), "x.yaml", environ={}).limits
     assert (limits.max_body, limits.idle_timeout, limits.header_timeout) == (max_body, idle, header)
     assert limits.max_connections == connections
+
+
+# -- the client-side HTTP channel -------------------------------------------------------------
+
+_REQUEST = st.fixed_dictionaries(
+    {
+        "method": st.sampled_from(["GET", "POST", "DELETE"]),
+        "path": st.from_regex(r"/[a-z0-9/_.-]{0,40}(\?[a-z0-9=&]{0,20})?", fullmatch=True),
+        "headers": st.lists(
+            st.tuples(
+                st.from_regex(r"X-[A-Za-z0-9-]{1,20}", fullmatch=True),
+                st.from_regex(r"[ -~]{0,60}", fullmatch=True).map(str.strip),
+            ),
+            max_size=6,
+        ),
+        "body": st.binary(max_size=300),
+        "chunked": st.booleans(),
+    }
+)
+
+
+def _wire(req: dict) -> bytes:
+    head = [f"{req['method']} {req['path']} HTTP/1.1", "Host: gw"]
+    head += [f"{n}: {v}" for n, v in req["headers"]]
+    body = req["body"]
+    if req["chunked"]:
+        head.append("Transfer-Encoding: chunked")
+        payload = (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + b"0\r\n\r\n"
+    else:
+        head.append(f"Content-Length: {len(body)}")
+        payload = body
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + payload
+
+
+def _serve(pieces: list[bytes]) -> list[tuple]:
+    from test_channel import Conn, answer
+
+    c = Conn()
+    seen = []
+    for piece in pieces:
+        c.send(piece)
+        while len(seen) < len(c.res.requests):  # answer each as it is handed over
+            r = c.res.requests[len(seen)]
+            seen.append(
+                (
+                    r.method,
+                    r.uri,
+                    [(n, v) for n, vs in r.requestHeaders.getAllRawHeaders() for v in vs],
+                    r.content.read(),
+                )
+            )
+            answer(r)
+    assert not c.transport.disconnecting
+    return seen
+
+
+@FAST
+@given(st.lists(_REQUEST, min_size=1, max_size=3), st.lists(st.integers(0, 10_000), max_size=8))
+def test_pipelined_requests_read_the_same_however_the_bytes_are_split(requests, cuts):
+    data = b"".join(_wire(r) for r in requests)
+    whole = _serve([data])
+    assert len(whole) == len(requests)
+    for got, req in zip(whole, requests, strict=True):
+        assert got[0] == req["method"].encode() and got[1] == req["path"].encode()
+        assert got[3] == req["body"]
+    assert _serve(chunked(data, cuts)) == whole

@@ -1,5 +1,5 @@
 """Property-based tests (hypothesis) for what reads untrusted bytes: the SSE usage scanner,
-the rate-limit header parsers and the config loader."""
+the rate-limit header parsers, the config loader and the client-side HTTP channel."""
 
 from __future__ import annotations
 

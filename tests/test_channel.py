@@ -6,13 +6,11 @@ backpressure both ways and the idle timeout."""
 from __future__ import annotations
 
 import pytest
-from twisted.internet.address import IPv4Address
-from twisted.internet.testing import StringTransport
 from twisted.web import resource, server
 
-from tests.test_proxy_memory import make_gateway
+from tests.test_proxy_memory import Client, make_gateway
 from yugongd.channel import EAGER_READ, GatewayChannel
-from yugongd.site import GatewaySite
+from yugongd.config import LimitsConfig
 
 
 class Held(resource.Resource):
@@ -35,20 +33,15 @@ def answer(request: server.Request, body: bytes = b"ok") -> None:
     request.finish()
 
 
-class Conn:
+class Conn(Client):
+    """A client connection to a gateway's Site whose resource is :class:`Held`."""
+
     def __init__(self, idle_timeout: float | None = None) -> None:
-        self.gw, self.clock, _ = make_gateway()
-        self.site = GatewaySite(self.gw, timeout=idle_timeout)
+        limits = {"limits": LimitsConfig(idle_timeout=idle_timeout)} if idle_timeout else None
+        self.gw, self.clock, _ = make_gateway(settings=limits)
+        super().__init__(self.gw)
         self.res = self.site.resource = Held()
-        self.proto = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
-        if idle_timeout is not None:
-            self.proto.timeOut = idle_timeout
         assert isinstance(self.proto, GatewayChannel)
-        self.transport = StringTransport(
-            hostAddress=IPv4Address("TCP", "127.0.0.1", 8080),
-            peerAddress=IPv4Address("TCP", "127.0.0.1", 5555),
-        )
-        self.proto.makeConnection(self.transport)
 
     def send(self, data: bytes) -> None:
         self.proto.dataReceived(data)

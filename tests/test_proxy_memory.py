@@ -80,10 +80,10 @@ def make_gateway(keys=2, settings=None, **pool):
 class Client:
     """One HTTP connection to the gateway's Site, in memory."""
 
-    def __init__(self, gw: Gateway) -> None:
+    def __init__(self, gw: Gateway, transport_class: type = StringTransport) -> None:
         self.site = GatewaySite(gw)
         self.proto = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
-        self.transport = StringTransport(
+        self.transport = transport_class(
             hostAddress=IPv4Address("TCP", "127.0.0.1", 8080),
             peerAddress=IPv4Address("TCP", "127.0.0.1", 5555),
         )
@@ -386,15 +386,7 @@ class CountingTransport(StringTransport):
 
 
 def _counting_client(gw) -> Client:
-    client = Client.__new__(Client)
-    client.site = GatewaySite(gw)
-    client.proto = client.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
-    client.transport = CountingTransport(
-        hostAddress=IPv4Address("TCP", "127.0.0.1", 8080),
-        peerAddress=IPv4Address("TCP", "127.0.0.1", 5555),
-    )
-    client.proto.makeConnection(client.transport)
-    return client
+    return Client(gw, CountingTransport)
 
 
 def test_a_json_answer_goes_to_the_client_in_one_write():

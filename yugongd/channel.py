@@ -42,7 +42,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import InvalidHeaderName, _nameEncoder
 from zope.interface import implementer
 
-from yugongd.httpclient import send_now, tcp_nodelay
+from yugongd.httpclient import cancel_call, send_now, tcp_nodelay
 
 if TYPE_CHECKING:
     from yugongd.site import GatewaySite
@@ -197,14 +197,9 @@ class GatewayChannel(Protocol):
         self._done = True
         self._in_head = False
         self._cancel_header_timer()
-        if self._idle_call is not None:
-            if self._idle_call.active():
-                self._idle_call.cancel()
-            self._idle_call = None
-        if self._abort_call is not None:
-            if self._abort_call.active():
-                self._abort_call.cancel()
-            self._abort_call = None
+        cancel_call(self._idle_call)
+        cancel_call(self._abort_call)
+        self._idle_call = self._abort_call = None
         self.site.connection_closed(self)
         # those whose head was complete: the one answered, those waiting, one being received
         requests, self.requests = self.requests, []
@@ -399,10 +394,8 @@ class GatewayChannel(Protocol):
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def _cancel_header_timer(self) -> None:
-        if self._header_timer is not None:
-            if self._header_timer.active():
-                self._header_timer.cancel()
-            self._header_timer = None
+        cancel_call(self._header_timer)
+        self._header_timer = None
 
     def _headers_too_slow(self) -> None:
         self._header_timer = None
@@ -543,3 +536,14 @@ class GatewayChannel(Protocol):
         self._reading_paused = False
         if self.transport is not None and not self._done:
             self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+
+def cork_channel(request: Any) -> GatewayChannel | None:
+    """Cork the channel under ``request`` (see :meth:`GatewayChannel.cork`) and return it to
+    be uncorked; ``None`` for a request on another channel (twisted.web's own, as in the
+    in-memory test clients), which writes as it goes."""
+    channel = getattr(request, "channel", None)
+    if isinstance(channel, GatewayChannel):
+        channel.cork()
+        return channel
+    return None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
+from yugongd.channel import cork_channel
+
 if TYPE_CHECKING:
     from twisted.web.server import Request
 
@@ -45,19 +47,13 @@ def write_json(request: Request, status: int, body: bytes) -> None:
     request.setResponseCode(status)
     request.responseHeaders.setRawHeaders(b"content-type", [b"application/json"])
     request.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
-    channel = getattr(request, "channel", None)
-    cork = getattr(channel, "cork", None)
-    if cork is None:
-        request.write(body)
-        request.finish()
-        return
-    # head and body in one send (see GatewayChannel.cork)
-    cork()
+    channel = cork_channel(request)  # head and body in one send
     try:
         request.write(body)
         request.finish()
     finally:
-        channel.uncork()  # type: ignore[union-attr]
+        if channel is not None:
+            channel.uncork()
 
 
 def write_error(

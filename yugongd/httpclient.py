@@ -83,6 +83,12 @@ def tcp_nodelay(transport: Any) -> None:
             pass
 
 
+def cancel_call(call: Any) -> None:
+    """Cancel a ``callLater`` call that may be ``None`` or have run already."""
+    if call is not None and call.active():
+        call.cancel()
+
+
 def send_now(transport: Any, data: bytes) -> None:
     """``transport.write(data)``, sent at once when nothing is queued before it.
 
@@ -799,10 +805,8 @@ class HTTPClient:
         for conn in list(self._all):
             if conn.d is not None or conn.response is not None:
                 conn.abort()
-        if self._sweep_call is not None:
-            if self._sweep_call.active():
-                self._sweep_call.cancel()
-            self._sweep_call = None
+        cancel_call(self._sweep_call)
+        self._sweep_call = None
         for idle in list(self._idle.values()):
             for conn in list(idle):
                 if conn.transport is not None:

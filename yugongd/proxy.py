@@ -28,9 +28,9 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
-from yugongd.channel import canonical_name
+from yugongd.channel import canonical_name, cork_channel
 from yugongd.errors import error_body, sse_error_event, write_error
-from yugongd.httpclient import ResponseHeaders, send_now
+from yugongd.httpclient import ResponseHeaders, cancel_call, send_now
 from yugongd.model import AttemptFailure, Call, FailureDecision, Outcome
 from yugongd.plugins import notify
 from yugongd.ratelimit import parse_duration, parse_int, parse_retry_after
@@ -440,10 +440,8 @@ class ProxiedRequest:
         d.cancel()
 
     def _cancel_first_byte_timer(self) -> None:
-        if self.first_byte_timer is not None:
-            if self.first_byte_timer.active():
-                self.first_byte_timer.cancel()
-            self.first_byte_timer = None
+        cancel_call(self.first_byte_timer)
+        self.first_byte_timer = None
 
     def _on_attempt_error(self, reason: Failure, key: UpstreamKey) -> None:
         self.pending = None
@@ -660,11 +658,7 @@ class ProxiedRequest:
                 self.buffer_all = self.transform is not None
             # what one upstream read brings (usually the whole answer) goes out in one send:
             # held from here until the read is done (_Relay.read_done) or the body ends
-            channel = getattr(request, "channel", None)
-            cork = getattr(channel, "cork", None)
-            if cork is not None:
-                cork()
-                self.corked = channel
+            self.corked = cork_channel(request)
         rewrites = (self.scanner is not None and self.strip_usage) or self.buffer_all
         self._copy_headers(response.headers, keep_length=not rewrites)
         response.deliverBody(_CorkedRelay(self) if self.corked is not None else _Relay(self))
@@ -681,10 +675,8 @@ class ProxiedRequest:
             self.idle_timer = self.gateway.reactor.callLater(idle, self._idle_timeout)
 
     def _stop_idle_timer(self) -> None:
-        if self.idle_timer is not None:
-            if self.idle_timer.active():
-                self.idle_timer.cancel()
-            self.idle_timer = None
+        cancel_call(self.idle_timer)
+        self.idle_timer = None
 
     def _idle_timeout(self) -> None:
         self.idle_timer = None
@@ -794,8 +786,7 @@ class ProxiedRequest:
         if not self.finished and not self.client_gone:
             self.finished = True
             self.request.finish()
-        self._uncork()
-        self._complete()
+        self._complete()  # (which uncorks first)
 
     # -- the client side ----------------------------------------------------------------
 
@@ -879,7 +870,8 @@ def _upstream_headers(forwarded: dict[bytes, list[bytes]], key: UpstreamKey) -> 
     canonical case and values it has checked) and the key's credentials.
 
     Made without ``Headers``' per-header re-encoding and checks (a dozen calls a request):
-    every value here was already checked by twisted.web or built by yugongd.
+    every value here was already checked when the client's request was read (llhttp, and
+    yugongd/channel.py's checks) or built by yugongd.
     """
     headers = Headers()
     raw = dict(forwarded)

@@ -116,18 +116,24 @@ def usage_numbers(usage: Any) -> tuple[int, int] | None:
     return None
 
 
-def usage_from_json(body: bytes) -> tuple[int, int] | None:
-    """The usage of a JSON answer (chat, completions, embeddings, responses …)."""
-    try:
-        doc = json.loads(body)
-    except (ValueError, RecursionError):
-        return None
+def usage_of_doc(doc: Any) -> tuple[int, int] | None:
+    """The usage in a parsed JSON answer or chunk: its ``usage``, or its ``response``'s
+    (the Responses API)."""
     if not isinstance(doc, dict):
         return None
     found = usage_numbers(doc.get("usage"))
     if found is None and isinstance(doc.get("response"), dict):
         found = usage_numbers(doc["response"].get("usage"))
     return found
+
+
+def usage_from_json(body: bytes) -> tuple[int, int] | None:
+    """The usage of a JSON answer (chat, completions, embeddings, responses …)."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    return usage_of_doc(doc)
 
 
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
@@ -399,11 +405,7 @@ class SSEUsageScanner:
             doc = json.loads(line[5:])
         except (ValueError, RecursionError):
             return None
-        if not isinstance(doc, dict):
-            return None
-        found = usage_numbers(doc.get("usage"))
-        if found is None and isinstance(doc.get("response"), dict):
-            found = usage_numbers(doc["response"].get("usage"))
+        found = usage_of_doc(doc)
         if found is None:
             return None
         self.usage = found
